@@ -1,0 +1,157 @@
+"""The command line: ``python -m rqvae_ray.run`` / ``rqvae-ray``."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rqvae_ray.model_ids import DEFAULT_MODELS, InvalidModelIdError, parse_model_ids
+
+DEMO_HUB = Path("demo_hub")
+DEMO_OUT = Path("demo_out")
+
+app = typer.Typer(add_completion=False, help="Turn POI features into semantic IDs with RQ-VAE models on Ray.")
+
+
+class Dataset(str, Enum):
+    nyc = "nyc"
+    tky = "tky"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def _table(results) -> str:
+    header = ("model", "status", "rows", "unique SIDs", "POIs sharing an SID", "seconds", "output / reason")
+    rows = [
+        (
+            r.model_id,
+            "ok" if r.ok else "FAILED",
+            str(r.rows) if r.ok else "-",
+            str(r.unique_sids) if r.ok else "-",
+            str(r.shared_pois) if r.ok else "-",
+            f"{r.seconds:.1f}",
+            r.path if r.ok else r.error,
+        )
+        for r in results
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header[:-1])]
+    lines = []
+    for row in (header, *rows):
+        cells = [cell.ljust(widths[i]) if i < len(widths) else cell for i, cell in enumerate(row)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+@app.command()
+def run(
+    model_ids: Annotated[
+        list[str] | None, typer.Argument(help="Model IDs (org/name); default: the 10 published models.")
+    ] = None,
+    hub_dir: Annotated[
+        Path | None, typer.Option(help="Read models and datasets from this local hub directory.")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Write outputs under this directory.")] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help="Only run the models of this dataset.")] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help=f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")
+    ] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 1024,
+    actors_per_model: Annotated[int | None, typer.Option(min=1, help="Fixed actor-pool size per model.")] = None,
+    min_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: fewest actors per model.")] = 1,
+    max_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: most actors per model.")] = 1,
+    cpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="CPUs reserved per encoder actor.")] = None,
+    gpus_per_model: Annotated[
+        float | None, typer.Option(min=0.0, help="GPUs per encoder actor, fractional allowed (default: auto).")
+    ] = None,
+    base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
+    output_format: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.csv,
+    actor_wait_s: Annotated[float, typer.Option(help="Fail if a pool gets no actor within this many seconds.")] = 600.0,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Encode every POI of each model's dataset and write one codebooks file per model."""
+    try:
+        specs = parse_model_ids(model_ids or list(DEFAULT_MODELS))
+    except InvalidModelIdError as exc:
+        _err(f"invalid model ID: {exc}")
+        raise typer.Exit(2) from None
+    if dataset is not None:
+        specs = [s for s in specs if s.dataset == dataset.value]
+        if not specs:
+            _err(f"no requested model is a {dataset.value} model")
+            raise typer.Exit(2)
+    if actors_per_model is not None:
+        min_actors = max_actors = actors_per_model
+    if min_actors > max_actors:
+        _err(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
+        raise typer.Exit(2)
+    if demo:
+        hub_dir = hub_dir or DEMO_HUB
+        out_dir = out_dir or DEMO_OUT
+    if hub_dir is None or out_dir is None:
+        _err("give --hub-dir and --out-dir (or --demo)")
+        raise typer.Exit(2)
+
+    from rqvae_ray.pipeline import RunOptions, init_ray, run_models
+    from rqvae_ray.stores import LocalHub, ResourceNotFoundError
+
+    try:
+        if demo and not hub_dir.exists():
+            from rqvae_ray.demo import build_demo_hub
+
+            typer.echo(f"building the demo hub in {hub_dir} ...")
+            build_demo_hub(hub_dir, progress=typer.echo)
+        hub = LocalHub(hub_dir)
+    except ResourceNotFoundError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
+    options = RunOptions(
+        hub=hub,
+        out_dir=str(out_dir.resolve()),
+        base_folder=base_folder,
+        fmt=output_format.value,
+        batch_size=batch_size,
+        min_actors=min_actors,
+        max_actors=max_actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_model=gpus_per_model,
+        actor_wait_s=actor_wait_s,
+    )
+    try:
+        init_ray(address)
+        results = run_models(specs, options, progress=typer.echo)
+    except KeyboardInterrupt:
+        _err("interrupted; finished outputs are kept, unfinished ones were not published")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _err(f"{type(exc).__name__}: {first} (--debug for details)")
+        raise typer.Exit(1) from None
+    typer.echo("")
+    typer.echo(_table(results))
+    failed = [r for r in results if not r.ok]
+    typer.echo(f"\n{len(results) - len(failed)} of {len(results)} models succeeded")
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="rqvae-ray")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The Ray Data UDF: one actor pool per model; each actor loads its frozen model once and encodes batches.
+
+Kept lean on purpose: CPU actors import numpy and pyarrow only (torch only when Ray assigned a GPU).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rqvae_ray.encoder import Encoder, make_encoder
+from rqvae_ray.features import rows_from_table
+from rqvae_ray.formatting import arrow_columns, csv_lines
+from rqvae_ray.sid_stats import pack_codes
+
+INPUT_COLUMNS = ("indices", "values", "features")
+
+
+class EncodeBatches:
+    """Callable class for ``Dataset.map_batches``: appends one model's columns to each batch."""
+
+    def __init__(self, weights_ref: list, column: str, fmt: str, drop_inputs: bool) -> None:
+        import ray
+
+        weights = ray.get(weights_ref[0])
+        gpu_ids = ray.get_gpu_ids()
+        self.encoder: Encoder = make_encoder(
+            weights, want_cuda=wants_cuda(gpu_ids, bool(gpu_ids) and _cuda_available())
+        )
+        self.column = column
+        self.fmt = fmt
+        self.drop_inputs = drop_inputs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        codes, vectors = self.encoder.encode(rows_from_table(batch))
+        pids = batch.column("Pid").to_numpy()
+        sizes = self.encoder.weights.codebook_sizes
+        batch = batch.append_column(f"{self.column}.sid", pa.array(pack_codes(codes, sizes)))
+        if self.fmt == "csv":
+            batch = batch.append_column(f"{self.column}.csv", csv_lines(pids, codes, vectors))
+        else:
+            columns = arrow_columns(pids, codes, vectors)
+            batch = batch.append_column(f"{self.column}.codebook", columns["Codebook"])
+            batch = batch.append_column(f"{self.column}.vector", columns["Vector"])
+        if self.drop_inputs:
+            batch = batch.drop_columns([c for c in INPUT_COLUMNS if c in batch.column_names])
+        return batch

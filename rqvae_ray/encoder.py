@@ -1,0 +1,210 @@
+"""The frozen encoder + residual quantizer, computed so that every row's SID is independent of its batch.
+
+Batch invariance is by construction, not by luck:
+
+* everything before the argmin runs in float64;
+* the first layer is a gather-sum over each row's nonzero inputs, added in ascending column order, one row at a
+  time in effect (dense inputs are turned into that sparse form first, so both input layouts give the same bits);
+* every later layer runs as matrix products over blocks of exactly ``BLOCK_ROWS`` rows (the last block is padded),
+  so the BLAS kernel, and therefore its rounding, is the same whatever the batch size;
+* distances to codewords are ``sum((r - c)**2)`` per row, and ties go to the lowest index.
+
+The Vector is the sum of the chosen float32 codewords, accumulated in float32 level by level, as the original
+system's quantizer does: it depends on the codes alone.
+
+CPU work uses numpy only (no torch import in CPU actors); :class:`TorchEncoder` runs the same steps on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rqvae_ray.checkpoint import ModelWeights
+
+BLOCK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Rows in CSR form: row ``i`` has columns ``indices[indptr[i]:indptr[i+1]]`` (ascending) with ``values``."""
+
+    indptr: np.ndarray  # int64 [n + 1]
+    indices: np.ndarray  # int64 [nnz]
+    values: np.ndarray | None  # float32/64 [nnz]; None means all ones (multi-hot)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray) -> SparseRows:
+        """CSR form of a dense 2-D array (explicit zeros dropped)."""
+        rows, cols = np.nonzero(dense)
+        indptr = np.zeros(dense.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=dense.shape[0]), out=indptr[1:])
+        values = dense[rows, cols]
+        return cls(indptr, cols.astype(np.int64), None if bool((values == 1).all()) else values)
+
+    def padded(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``[n, width]`` column indices (padding points at column -1) and values (padding 0)."""
+        counts = np.diff(self.indptr)
+        width = int(counts.max()) if len(counts) else 0
+        slots = np.arange(width)
+        mask = slots[None, :] < counts[:, None]
+        cols = np.full((self.num_rows, width), -1, dtype=np.int64)
+        cols[mask] = self.indices
+        if self.values is None:
+            return cols, None
+        vals = np.zeros((self.num_rows, width), dtype=np.float64)
+        vals[mask] = self.values
+        return cols, vals
+
+
+class InputDimensionError(ValueError):
+    """Features whose width or column indices do not fit the model's input dimension."""
+
+
+class Encoder:
+    """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU."""
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+        first = weights.layers[0]
+        # Column -1 (the padding of SparseRows.padded) reads this appended zero column.
+        self._first_columns = np.vstack([first.weight.T, np.zeros((1, first.weight.shape[0]))])
+        self._first_bias = first.bias
+        self._codebooks64 = [book.astype(np.float64) for book in weights.codebooks]
+
+    def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
+        if len(rows.indices) and (rows.indices.min() < 0 or rows.indices.max() >= self.weights.input_dim):
+            raise InputDimensionError(
+                f"feature column {int(rows.indices.max())} is outside the model's input dimension "
+                f"{self.weights.input_dim}"
+            )
+        n = rows.num_rows
+        levels = len(self.weights.codebooks)
+        codes = np.empty((n, levels), dtype=np.int32)
+        if n == 0:
+            return codes, np.empty((0, self.weights.latent_dim), dtype=np.float32)
+        hidden = self._first_layer(rows)
+        for start in range(0, n, BLOCK_ROWS):
+            codes[start : start + BLOCK_ROWS] = self._quantize(self._dense_layers(hidden[start : start + BLOCK_ROWS]))
+        return codes, self.vectors(codes)
+
+    def vectors(self, codes: np.ndarray) -> np.ndarray:
+        """Sum of the chosen float32 codewords, accumulated in float32 from level 0 up."""
+        vectors = np.zeros((len(codes), self.weights.latent_dim), dtype=np.float32)
+        for level, book in enumerate(self.weights.codebooks):
+            vectors += book[codes[:, level]]
+        return vectors
+
+    def _first_layer(self, rows: SparseRows) -> np.ndarray:
+        cols, vals = rows.padded()
+        hidden = np.zeros((rows.num_rows, self._first_columns.shape[1]), dtype=np.float64)
+        for slot in range(cols.shape[1]):
+            term = self._first_columns[cols[:, slot]]
+            if vals is not None:
+                term *= vals[:, slot, None]
+            hidden += term
+        hidden += self._first_bias
+        return hidden
+
+    def _dense_layers(self, block: np.ndarray) -> np.ndarray:
+        rows = len(block)
+        if rows < BLOCK_ROWS:
+            block = np.vstack([block, np.zeros((BLOCK_ROWS - rows, block.shape[1]))])
+        layers = self.weights.layers
+        if layers[0].relu:
+            block = np.maximum(block, 0.0)
+        for layer in layers[1:]:
+            block = block @ layer.weight.T
+            block += layer.bias
+            if layer.relu:
+                np.maximum(block, 0.0, out=block)
+        return block[:rows]
+
+    def _quantize(self, latent: np.ndarray) -> np.ndarray:
+        residual = latent.copy()
+        codes = np.empty((len(latent), len(self._codebooks64)), dtype=np.int32)
+        for level, book in enumerate(self._codebooks64):
+            distances = np.square(residual[:, None, :] - book[None, :, :]).sum(axis=2)
+            chosen = distances.argmin(axis=1)
+            codes[:, level] = chosen
+            residual -= book[chosen]
+        return codes
+
+
+class TorchEncoder(Encoder):
+    """The same computation as :class:`Encoder` with torch on a given device (used for CUDA actors)."""
+
+    def __init__(self, weights: ModelWeights, device: str) -> None:
+        super().__init__(weights)
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        self._t_first_columns = as_tensor(self._first_columns)
+        self._t_first_bias = as_tensor(self._first_bias)
+        self._t_layers = [(as_tensor(layer.weight.T), as_tensor(layer.bias), layer.relu) for layer in weights.layers]
+        self._t_codebooks = [as_tensor(book) for book in self._codebooks64]
+
+    def _first_layer(self, rows: SparseRows) -> np.ndarray:
+        torch = self._torch
+        cols, vals = rows.padded()
+        t_cols = torch.from_numpy(cols).to(self.device)
+        t_vals = None if vals is None else torch.from_numpy(vals).to(self.device)
+        hidden = torch.zeros((rows.num_rows, self._t_first_columns.shape[1]), dtype=torch.float64, device=self.device)
+        for slot in range(cols.shape[1]):
+            term = self._t_first_columns[t_cols[:, slot]]
+            if t_vals is not None:
+                term = term * t_vals[:, slot, None]
+            hidden += term
+        hidden += self._t_first_bias
+        return hidden
+
+    def _dense_layers(self, block):  # type: ignore[override]
+        torch = self._torch
+        rows = block.shape[0]
+        if rows < BLOCK_ROWS:
+            pad = torch.zeros((BLOCK_ROWS - rows, block.shape[1]), dtype=block.dtype, device=self.device)
+            block = torch.cat([block, pad])
+        if self._t_layers[0][2]:
+            block = torch.clamp_min(block, 0.0)
+        for weight_t, bias, relu in self._t_layers[1:]:
+            block = block @ weight_t + bias
+            if relu:
+                block = torch.clamp_min(block, 0.0)
+        return block[:rows]
+
+    def _quantize(self, latent) -> np.ndarray:  # type: ignore[override]
+        torch = self._torch
+        residual = latent.clone()
+        codes = torch.empty((latent.shape[0], len(self._t_codebooks)), dtype=torch.int64, device=self.device)
+        for level, book in enumerate(self._t_codebooks):
+            distances = torch.square(residual[:, None, :] - book[None, :, :]).sum(dim=2)
+            chosen = torch.argmin(distances, dim=1)
+            codes[:, level] = chosen
+            residual -= book[chosen]
+        return codes.cpu().numpy().astype(np.int32)
+
+
+def choose_device(gpu_ids: list, cuda_available: bool) -> str:
+    """``cuda`` iff Ray assigned this process a GPU and CUDA is available, else ``cpu``.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the assigned GPU, so ``cuda`` is the device Ray chose.
+    """
+    return "cuda" if gpu_ids and cuda_available else "cpu"
+
+
+def make_encoder(weights: ModelWeights, gpu_ids: list) -> Encoder:
+    """A CUDA encoder for an actor that Ray gave a GPU (when CUDA works), the numpy CPU encoder otherwise."""
+    if not gpu_ids:
+        return Encoder(weights)
+    import torch
+
+    device = choose_device(gpu_ids, torch.cuda.is_available())
+    return TorchEncoder(weights, device) if device == "cuda" else Encoder(weights)

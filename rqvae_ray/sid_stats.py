@@ -1,0 +1,103 @@
+"""SID statistics accumulated in streaming fashion: memory depends on the codebook sizes, never on the POI count."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Up to this many possible SIDs the counts live in one dense array (64**3 = 262,144 for TKY); beyond it, in a dict
+# keyed by the SIDs actually seen.
+DENSE_LIMIT = 1 << 24
+
+
+def pack_codes(codes: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """One int64 per row: the codes read as digits with the codebook sizes as bases."""
+    packed = np.zeros(len(codes), dtype=np.int64)
+    for level, size in enumerate(sizes):
+        packed = packed * size + codes[:, level]
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_codes`."""
+    codes = np.empty((len(packed), len(sizes)), dtype=np.int64)
+    rest = packed.copy()
+    for level in range(len(sizes) - 1, -1, -1):
+        codes[:, level] = rest % sizes[level]
+        rest //= sizes[level]
+    return codes
+
+
+class SidCounter:
+    """Counts how many POIs got each SID."""
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self.sizes = tuple(int(s) for s in sizes)
+        self.space = math.prod(self.sizes)
+        self.rows = 0
+        self._dense = np.zeros(self.space, dtype=np.int64) if self.space <= DENSE_LIMIT else None
+        self._sparse: dict[int, int] = {}
+
+    def add(self, packed: np.ndarray) -> None:
+        """Count a batch of packed SIDs."""
+        self.rows += len(packed)
+        if self._dense is not None:
+            np.add.at(self._dense, packed, 1)
+            return
+        values, counts = np.unique(packed, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            self._sparse[value] = self._sparse.get(value, 0) + count
+
+    def count_of(self, packed: np.ndarray) -> np.ndarray:
+        """How many POIs share each given SID."""
+        if self._dense is not None:
+            return self._dense[packed]
+        return np.array([self._sparse.get(v, 0) for v in packed.tolist()], dtype=np.int64)
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """The SIDs seen (ascending) and their counts."""
+        if self._dense is not None:
+            seen = np.flatnonzero(self._dense)
+            return seen, self._dense[seen]
+        keys = np.array(sorted(self._sparse), dtype=np.int64)
+        return keys, np.array([self._sparse[k] for k in keys.tolist()], dtype=np.int64)
+
+    def summary(self) -> dict:
+        """Quality figures: unique SIDs, collisions, per-level usage and perplexity, shared prefixes."""
+        sids, counts = self.items()
+        collided = counts > 1
+        codes = unpack_codes(sids, self.sizes)
+        levels = []
+        for level, size in enumerate(self.sizes):
+            usage = np.bincount(codes[:, level], weights=counts, minlength=size) if len(sids) else np.zeros(size)
+            probs = usage[usage > 0] / max(self.rows, 1)
+            levels.append(
+                {
+                    "codebook_size": size,
+                    "codewords_used": int((usage > 0).sum()),
+                    "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if len(probs) else 0.0,
+                    "usage": usage.astype(np.int64).tolist(),
+                }
+            )
+        shared_prefix = {}
+        for length in range(1, len(self.sizes) + 1):
+            prefix = codes[:, :length]
+            if len(prefix):
+                _, inverse = np.unique(prefix, axis=0, return_inverse=True)
+                per_prefix = np.bincount(inverse.ravel(), weights=counts)
+                shared = int(per_prefix[per_prefix > 1].sum())
+            else:
+                shared = 0
+            shared_prefix[str(length)] = shared
+        bucket_sizes, bucket_counts = np.unique(counts, return_counts=True) if len(counts) else ([], [])
+        return {
+            "pois": int(self.rows),
+            "unique_sids": int(len(sids)),
+            "collided_buckets": int(collided.sum()),
+            "largest_bucket": int(counts.max()) if len(counts) else 0,
+            "pois_in_collided_buckets": int(counts[collided].sum()),
+            "levels": levels,
+            "pois_sharing_prefix": shared_prefix,
+            "bucket_size_histogram": {str(int(s)): int(c) for s, c in zip(bucket_sizes, bucket_counts, strict=True)},
+        }
