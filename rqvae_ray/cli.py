@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from rqvae_ray.model_ids import DEFAULT_MODELS, InvalidModelIdError, parse_model_ids
+from rqvae_ray.runner import SetupError, run_specs
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
@@ -36,12 +37,12 @@ def _table(results) -> str:
     rows = [
         (
             r.model_id,
-            "ok" if r.ok else "FAILED",
+            ("skipped" if r.skipped else "ok") if r.ok else "FAILED",
             str(r.rows) if r.ok else "-",
             str(r.unique_sids) if r.ok else "-",
             str(r.shared_pois) if r.ok else "-",
             f"{r.seconds:.1f}",
-            r.path if r.ok else r.error,
+            (r.path or f"uploaded @ {r.commit}") if r.ok else r.error,
         )
         for r in results
     ]
@@ -59,13 +60,20 @@ def run(
         list[str] | None, typer.Argument(help="Model IDs (org/name); default: the 10 published models.")
     ] = None,
     hub_dir: Annotated[
-        Path | None, typer.Option(help="Read models and datasets from this local hub directory.")
+        Path | None, typer.Option(help="Read models and datasets from this local hub directory (default: the Hub).")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option(help="Write outputs under this directory.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Write outputs under this directory (default: upload to the Hub).")
+    ] = None,
+    upload: Annotated[bool, typer.Option("--upload", help="Upload to the Hub even when --out-dir is given.")] = False,
     dataset: Annotated[Dataset | None, typer.Option(help="Only run the models of this dataset.")] = None,
     demo: Annotated[
         bool, typer.Option("--demo", help=f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")
     ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")
+    ] = None,
+    dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 1024,
     actors_per_model: Annotated[int | None, typer.Option(min=1, help="Fixed actor-pool size per model.")] = None,
@@ -77,7 +85,9 @@ def run(
     ] = None,
     base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
     output_format: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.csv,
+    force: Annotated[bool, typer.Option("--force", help="Redo outputs that are already up to date.")] = False,
     actor_wait_s: Annotated[float, typer.Option(help="Fail if a pool gets no actor within this many seconds.")] = 600.0,
+    upload_retries: Annotated[int, typer.Option(min=0, help="Retries of a failed upload commit.")] = 5,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
@@ -99,38 +109,31 @@ def run(
     if demo:
         hub_dir = hub_dir or DEMO_HUB
         out_dir = out_dir or DEMO_OUT
-    if hub_dir is None or out_dir is None:
-        _err("give --hub-dir and --out-dir (or --demo)")
-        raise typer.Exit(2)
-
-    from rqvae_ray.pipeline import RunOptions, init_ray, run_models
-    from rqvae_ray.stores import LocalHub, ResourceNotFoundError
-
     try:
-        if demo and not hub_dir.exists():
-            from rqvae_ray.demo import build_demo_hub
-
-            typer.echo(f"building the demo hub in {hub_dir} ...")
-            build_demo_hub(hub_dir, progress=typer.echo)
-        hub = LocalHub(hub_dir)
-    except ResourceNotFoundError as exc:
+        results = run_specs(
+            specs,
+            hub_dir=hub_dir,
+            out_dir=out_dir,
+            upload=upload or out_dir is None,
+            build_demo=demo,
+            revision=revision,
+            dataset_revision=dataset_revision,
+            address=address,
+            progress=typer.echo,
+            batch_size=batch_size,
+            min_actors=min_actors,
+            max_actors=max_actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_model=gpus_per_model,
+            base_folder=base_folder,
+            fmt=output_format.value,
+            force=force,
+            actor_wait_s=actor_wait_s,
+            upload_retries=upload_retries,
+        )
+    except SetupError as exc:
         _err(str(exc))
         raise typer.Exit(2) from None
-    options = RunOptions(
-        hub=hub,
-        out_dir=str(out_dir.resolve()),
-        base_folder=base_folder,
-        fmt=output_format.value,
-        batch_size=batch_size,
-        min_actors=min_actors,
-        max_actors=max_actors,
-        cpus_per_actor=cpus_per_actor,
-        gpus_per_model=gpus_per_model,
-        actor_wait_s=actor_wait_s,
-    )
-    try:
-        init_ray(address)
-        results = run_models(specs, options, progress=typer.echo)
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are kept, unfinished ones were not published")
         raise typer.Exit(130) from None
@@ -144,6 +147,8 @@ def run(
     typer.echo(_table(results))
     failed = [r for r in results if not r.ok]
     typer.echo(f"\n{len(results) - len(failed)} of {len(results)} models succeeded")
+    for result in failed:
+        _err(f"{result.model_id}: {result.error}")
     if failed:
         raise typer.Exit(1)
 

@@ -22,10 +22,7 @@ class EncodeBatches:
         import ray
 
         weights = ray.get(weights_ref[0])
-        gpu_ids = ray.get_gpu_ids()
-        self.encoder: Encoder = make_encoder(
-            weights, want_cuda=wants_cuda(gpu_ids, bool(gpu_ids) and _cuda_available())
-        )
+        self.encoder: Encoder = make_encoder(weights, ray.get_gpu_ids())
         self.column = column
         self.fmt = fmt
         self.drop_inputs = drop_inputs

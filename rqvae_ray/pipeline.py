@@ -1,9 +1,9 @@
 """The Ray pipeline: per dataset, stream POI batches through one actor pool per model, then to the final writer.
 
-The driver parses nothing here (see :mod:`rqvae_ray.model_ids`); it loads each dataset once and each checkpoint once,
-puts the frozen weights in the object store, chains one ``map_batches`` actor pool per model over the dataset, and
-hands the ordered output blocks (object references only, never the rows) to a writer actor per dataset.
-Datasets run concurrently; a failure of one model or dataset never stops the others.
+The driver loads each dataset once and each checkpoint once, puts the frozen weights in the object store, chains one
+``map_batches`` actor pool per model over the dataset, and hands the ordered output blocks (object references only,
+never the rows) to a writer actor per dataset, which publishes the files and uploads them. Datasets run
+concurrently; a failure of one model or dataset never stops the others.
 """
 
 from __future__ import annotations
@@ -14,18 +14,22 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from rqvae_ray import __version__
 from rqvae_ray.checkpoint import CheckpointError, ModelWeights, load_checkpoint_bytes
 from rqvae_ray.features import DatasetError, PoiFeatures, load_features, to_ray_dataset
 from rqvae_ray.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.stores import HfHub, LocalHub, ResourceNotFoundError
-from rqvae_ray.writer import DatasetWriter, ModelTarget, OutputError
+from rqvae_ray.writer import DatasetWriter, ModelTarget, OutputError, file_sha256, output_dir, read_manifest
 
 Progress = Callable[[str], None]
 
 # Blocks are at least this big, so that tiny batch sizes change only how often the UDF is called, not the number of
 # objects the cluster has to track.
 MIN_BLOCK_ROWS = 256
+# Blocks handed to the writer but not yet written; bounds the driver's and the object store's backlog.
+MAX_PENDING_WRITES = 16
 
 
 @dataclass
@@ -33,7 +37,8 @@ class RunOptions:
     """How to run: where inputs come from, where outputs go, and how big the actor pools are."""
 
     hub: LocalHub | HfHub
-    out_dir: str
+    out_dir: str | None = None
+    upload: bool = False
     base_folder: str = "LLM Dataset"
     fmt: str = "csv"
     batch_size: int = 1024
@@ -42,6 +47,9 @@ class RunOptions:
     cpus_per_actor: float | None = None
     gpus_per_model: float | None = None
     actor_wait_s: float = 600.0
+    force: bool = False
+    upload_retries: int = 5
+    upload_backoff_s: float = 1.0
 
 
 @dataclass
@@ -52,15 +60,13 @@ class ModelResult:
     dataset: str
     ok: bool
     error: str = ""
+    skipped: bool = False
     rows: int = 0
     seconds: float = 0.0
     path: str = ""
     sha256: str = ""
+    commit: str = ""
     quality: dict = field(default_factory=dict)
-    checkpoint_sha256: str = ""
-    checkpoint_revision: str = ""
-    features_sha256: str = ""
-    features_revision: str = ""
 
     @property
     def unique_sids(self) -> int:
@@ -73,11 +79,14 @@ class ModelResult:
 
 def init_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # A private single-machine Ray has no reason to listen beyond loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
@@ -105,14 +114,54 @@ def _configure_data_context(options: RunOptions) -> None:
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
+    # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
+    ctx.max_errored_blocks = 0
     ctx.wait_for_min_actors_s = options.actor_wait_s
     # The driver reports rows written per dataset itself; Ray Data's per-operator log lines would drown it.
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _column(index: int) -> str:
-    return f"m{index}"
+@dataclass
+class _Ready:
+    """A model whose checkpoint loaded and fits its dataset."""
+
+    spec: ModelSpec
+    weights: ModelWeights
+    revision: str
+
+    def provenance(self, features: PoiFeatures) -> dict:
+        return {
+            "checkpoint_sha256": self.weights.sha256,
+            "checkpoint_revision": self.revision,
+            "features_sha256": features.sha256,
+            "features_revision": features.revision,
+        }
+
+
+def _up_to_date(ready: _Ready, features: PoiFeatures, options: RunOptions, extension: str) -> ModelResult | None:
+    """The earlier result of this model when its output exists, is intact and was made from the same inputs."""
+    if options.out_dir is None or options.force:
+        return None
+    folder = output_dir(Path(options.out_dir), features.repo, options.base_folder)
+    entry = read_manifest(folder)["models"].get(ready.spec.model_id)
+    path = folder / f"codebooks-{ready.spec.name}.{extension}"
+    wanted = {**ready.provenance(features), "format": options.fmt, "tool_version": __version__}
+    if not entry or any(entry.get(k) != v for k, v in wanted.items()) or not path.is_file():
+        return None
+    if file_sha256(path) != entry.get("sha256"):
+        return None
+    return ModelResult(
+        ready.spec.model_id,
+        ready.spec.dataset,
+        ok=True,
+        skipped=True,
+        rows=int(entry.get("rows", 0)),
+        path=str(path),
+        sha256=entry["sha256"],
+        quality=entry.get("sid_stats", {}),
+    )
 
 
 def run_dataset(
@@ -122,14 +171,14 @@ def run_dataset(
     org, dataset = repo
     started = time.monotonic()
     try:
-        files = options.hub.dataset_files(org, dataset)
-        features = load_features(files)
+        features = load_features(options.hub.dataset_files(org, dataset))
     except (ResourceNotFoundError, DatasetError) as exc:
         return [ModelResult(s.model_id, s.dataset, ok=False, error=str(exc)) for s in specs]
     progress(f"{org}/{dataset}: {features.num_pois} POIs x {features.dim} features (revision {features.revision})")
 
+    extension = "csv" if options.fmt == "csv" else "parquet"
     results: dict[str, ModelResult] = {}
-    ready: list[tuple[ModelSpec, ModelWeights, str]] = []
+    ready: list[_Ready] = []
     for spec in specs:
         try:
             data, revision = options.hub.checkpoint(spec)
@@ -142,24 +191,33 @@ def run_dataset(
         except (ResourceNotFoundError, CheckpointError) as exc:
             results[spec.model_id] = ModelResult(spec.model_id, spec.dataset, ok=False, error=str(exc))
             continue
-        progress(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()}")
-        ready.append((spec, weights, revision))
+        candidate = _Ready(spec, weights, revision)
+        earlier = _up_to_date(candidate, features, options, extension)
+        if earlier is not None:
+            progress(f"{spec.model_id}: up to date ({earlier.path}); skipped, use --force to redo")
+            results[spec.model_id] = earlier
+            continue
+        progress(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()} (revision {revision})")
+        ready.append(candidate)
     if ready:
         for result in _encode_and_write(features, ready, options, actors_total, progress):
             results[result.model_id] = result
     elapsed = time.monotonic() - started
     for result in results.values():
         result.seconds = result.seconds or elapsed
-        result.features_sha256, result.features_revision = features.sha256, features.revision
     return [results[s.model_id] for s in specs]
 
 
+def _commit_message(features: PoiFeatures, ready: list[_Ready]) -> str:
+    lines = [f"- {r.spec.model_id} @ {r.revision}" for r in ready]
+    return (
+        f"rqvae_ray {__version__}: semantic IDs of {len(ready)} model(s) for {features.repo}\n\n"
+        f"Features: {features.repo} @ {features.revision}\nModels:\n" + "\n".join(lines)
+    )
+
+
 def _encode_and_write(
-    features: PoiFeatures,
-    ready: list[tuple[ModelSpec, ModelWeights, str]],
-    options: RunOptions,
-    actors_total: int,
-    progress: Progress,
+    features: PoiFeatures, ready: list[_Ready], options: RunOptions, actors_total: int, progress: Progress
 ) -> list[ModelResult]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -171,12 +229,12 @@ def _encode_and_write(
     ds = to_ray_dataset(features, max(options.batch_size, MIN_BLOCK_ROWS))
     extension = "csv" if options.fmt == "csv" else "parquet"
     targets = []
-    for index, (spec, weights, _) in enumerate(ready):
-        column = _column(index)
+    for index, item in enumerate(ready):
+        column = f"m{index}"
         ds = ds.map_batches(
             EncodeBatches,
             fn_constructor_kwargs={
-                "weights_ref": [ray.put(weights)],
+                "weights_ref": [ray.put(item.weights)],
                 "column": column,
                 "fmt": options.fmt,
                 "drop_inputs": index == len(ready) - 1,
@@ -187,12 +245,14 @@ def _encode_and_write(
             concurrency=(options.min_actors, options.max_actors),
             num_cpus=num_cpus,
             num_gpus=num_gpus or None,
-            max_restarts=-1,
-            max_task_retries=-1,
         )
-        filename = f"codebooks-{spec.name}.{extension}"
-        targets.append(ModelTarget(spec.model_id, column, filename, weights.codebook_sizes))
+        filename = f"codebooks-{item.spec.name}.{extension}"
+        targets.append(
+            ModelTarget(item.spec.model_id, column, filename, item.weights.codebook_sizes, item.provenance(features))
+        )
 
+    # The final actor never holds a GPU, and lives on the driver's node: that is where --out-dir is, and where the
+    # Hugging Face token is configured (it is read there, never shipped through Ray).
     writer = (
         ray.remote(DatasetWriter)
         .options(
@@ -200,9 +260,9 @@ def _encode_and_write(
             num_gpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         )
-        .remote(features.repo, targets, options.out_dir, options.base_folder, options.fmt)
+        .remote(features.repo, targets, options.out_dir, options.base_folder, options.fmt, features.num_pois)
     )
-    failure = ""
+    failure, commit = "", ""
     written: list[dict] = []
     try:
         pending = []
@@ -211,13 +271,20 @@ def _encode_and_write(
             for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
                 span = (part.start_offset, part.end_offset) if part is not None else None
                 pending.append(writer.write.remote(entry.ref, span))
-                if len(pending) > 16:
+                if len(pending) > MAX_PENDING_WRITES:
                     done = ray.get(pending.pop(0))
                     if time.monotonic() - last_report > 5:
                         progress(f"{features.repo}: {done}/{features.num_pois} POIs written for {len(ready)} models")
                         last_report = time.monotonic()
         ray.get(pending)
-        written = ray.get(writer.finish.remote(features.num_pois))
+        written = ray.get(writer.finish.remote())
+        progress(f"{features.repo}: {features.num_pois} POIs written for {len(ready)} models")
+        if options.upload:
+            progress(f"{features.repo}: uploading {len(written)} file(s) in one commit")
+            commit = ray.get(
+                writer.upload.remote(_commit_message(features, ready), options.upload_retries, options.upload_backoff_s)
+            )
+            progress(f"{features.repo}: uploaded as commit {commit}")
     except (OutputError, ray.exceptions.RayError, ValueError, RuntimeError) as exc:
         failure = _one_line(exc)
         try:
@@ -229,37 +296,38 @@ def _encode_and_write(
     seconds = time.monotonic() - started
     by_model = {w["model_id"]: w for w in written}
     results = []
-    for spec, weights, revision in ready:
-        base = ModelResult(
-            spec.model_id,
-            spec.dataset,
-            ok=not failure,
-            error=failure,
-            seconds=seconds,
-            checkpoint_sha256=weights.sha256,
-            checkpoint_revision=revision,
-        )
-        if not failure:
-            info = by_model[spec.model_id]
-            base.rows, base.path, base.sha256, base.quality = (
-                info["rows"],
-                info["path"],
-                info["sha256"],
-                info["quality"],
-            )
-        results.append(base)
+    for item in ready:
+        result = ModelResult(item.spec.model_id, item.spec.dataset, ok=not failure, error=failure, seconds=seconds)
+        info = by_model.get(item.spec.model_id)
+        if info is not None:
+            result.rows, result.sha256, result.quality = info["rows"], info["sha256"], info["sid_stats"]
+            result.path = info["path"] if options.out_dir is not None else ""
+            result.commit = commit
+        results.append(result)
     return results
 
 
 def _one_line(exc: BaseException) -> str:
-    cause = exc
-    if hasattr(exc, "cause") and exc.cause is not None:
-        cause = exc.cause
-    text = str(cause).strip().splitlines()
-    for line in reversed(text):
+    """The last meaningful line of an error (Ray wraps remote errors in a traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    for line in reversed(str(cause).strip().splitlines()):
         if line.strip() and not line.startswith(" "):
-            return line.strip()[:400]
+            return line.strip()[:500]
     return type(cause).__name__
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Fail fast (before any inference) when the output directory cannot be written."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".rqvae_ray-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"output directory {out_dir} is not writable ({exc.strerror}); choose another --out-dir"
+        ) from None
 
 
 def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress = print) -> list[ModelResult]:

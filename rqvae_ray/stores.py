@@ -89,9 +89,8 @@ class LocalHub:
 class HfHub:
     """The Hugging Face Hub (or a server at ``HF_ENDPOINT``), through ``huggingface_hub`` and its cache."""
 
-    def __init__(self, revision: str | None = None, token: str | None = None) -> None:
-        self.revision = revision
-        self._token = token
+    def __init__(self, revision: str | None = None, dataset_revision: str | None = None) -> None:
+        self.revisions = {"model": revision, "dataset": dataset_revision}
 
     def _download(self, repo_id: str, filename: str, repo_type: str) -> tuple[Path, str]:
         from huggingface_hub import hf_hub_download
@@ -102,26 +101,24 @@ class HfHub:
             RevisionNotFoundError,
         )
 
-        kind = "model" if repo_type == "model" else "dataset"
+        kind = repo_type
+        revision = self.revisions[repo_type]
         try:
-            path = Path(
-                hf_hub_download(
-                    repo_id, filename, repo_type=repo_type, revision=self.revision, token=self._token or None
-                )
-            )
+            path = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
         except RepositoryNotFoundError:
             raise ResourceNotFoundError(
                 f"{kind} repo {repo_id} not found on the Hub (or not visible with this token); check the ID"
             ) from None
         except RevisionNotFoundError:
-            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no revision {self.revision!r}") from None
-        except EntryNotFoundError:
-            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no file {filename!r}") from None
+            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no revision {revision!r}") from None
+        # LocalEntryNotFoundError is an EntryNotFoundError: it must be caught first.
         except LocalEntryNotFoundError:
             raise ResourceNotFoundError(
                 f"{kind} repo {repo_id}: file {filename!r} is not in the local cache and the Hub cannot be reached "
                 "(offline?); run once online or unset HF_HUB_OFFLINE"
             ) from None
+        except EntryNotFoundError:
+            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no file {filename!r}") from None
         return path, _snapshot_commit(path)
 
     def checkpoint(self, spec: ModelSpec) -> tuple[bytes, str]:

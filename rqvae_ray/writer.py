@@ -1,26 +1,32 @@
 """The final writer: appends each model's ordered, pre-formatted parts to a staged file, validates, then publishes.
 
-One writer serves one dataset. Blocks arrive in Pid order; the writer checks that Pids run 1..N without gaps,
-counts SIDs as it goes (memory bounded by the codebook sizes) and hashes the bytes it writes. Only a complete and
-validated file is renamed into place, so no partial output is ever visible.
+One writer serves one dataset. Blocks arrive in Pid order; the writer checks that Pids run 1..N without gaps and
+that every code fits its codebook, counts SIDs as it goes (memory bounded by the codebook sizes) and hashes the bytes
+it writes. Only a complete, validated file is renamed into place, so no partial output is ever visible. It then
+records a manifest beside the outputs and, when asked, uploads the dataset's files to the Hub in one commit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import tempfile
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from rqvae_ray import __version__
 from rqvae_ray.formatting import CSV_HEADER, string_bytes
 from rqvae_ray.sid_stats import SidCounter
 
 STAGING_DIR = ".rqvae_ray-staging"
+MANIFEST_FILE = "rqvae_ray-manifest.json"
 
 
 class OutputError(RuntimeError):
@@ -35,11 +41,35 @@ class ModelTarget:
     column: str  # prefix of this model's columns in the blocks
     filename: str  # e.g. codebooks-<model>.csv
     codebook_sizes: tuple[int, ...]
+    provenance: dict = field(default_factory=dict)  # checkpoint/features sha256 and revisions
 
 
-def output_relpath(repo: str, base_folder: str, filename: str) -> str:
-    """Path of an output inside a hub tree: ``datasets/<org>/<dataset>/<base>/Intermediate Files/<file>``."""
-    return f"datasets/{repo}/{base_folder}/Intermediate Files/{filename}"
+def output_dir(root: Path, repo: str, base_folder: str) -> Path:
+    """``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files``."""
+    return root / "datasets" / repo / base_folder / "Intermediate Files"
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest in ``folder`` (empty when absent or unreadable)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {"models": {}}
+    return manifest if isinstance(manifest.get("models"), dict) else {"models": {}}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    staged.write_bytes(data)
+    os.replace(staged, path)
 
 
 class _Sink:
@@ -51,9 +81,10 @@ class _Sink:
         self.fmt = fmt
         self.digest = hashlib.sha256()
         self.counter = SidCounter(target.codebook_sizes)
+        self.closed = False
         self._parquet = None
-        if fmt == "csv":
-            self._handle = staged.open("wb")
+        self._handle = staged.open("wb") if fmt == "csv" else None
+        if self._handle is not None:
             self._write(CSV_HEADER)
 
     def _write(self, data: bytes) -> None:
@@ -62,7 +93,10 @@ class _Sink:
 
     def append(self, block: pa.Table) -> None:
         column = self.target.column
-        self.counter.add(block.column(f"{column}.sid").to_numpy())
+        sids = block.column(f"{column}.sid").to_numpy()
+        if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
+            raise OutputError(f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected")
+        self.counter.add(sids)
         if self.fmt == "csv":
             self._write(string_bytes(block.column(f"{column}.csv")))
             return
@@ -80,27 +114,39 @@ class _Sink:
         self._parquet.write_table(table)
 
     def close(self) -> None:
-        if self.fmt == "csv":
+        if self.closed:
+            return
+        self.closed = True
+        if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
-        elif self._parquet is not None:
-            self._parquet.close()
-        if self.fmt != "csv":
-            self.digest.update(self.staged.read_bytes())
+            return
+        if self._parquet is None:
+            return
+        self._parquet.close()
+        self.digest = hashlib.sha256(self.staged.read_bytes())
 
 
 class DatasetWriter:
-    """Writes every model's output of one dataset; runs as the final Ray actor (or in-process)."""
+    """Writes every model's output of one dataset; runs as the final Ray actor (or in-process).
 
-    def __init__(self, repo: str, targets: list[ModelTarget], out_dir: str, base_folder: str, fmt: str) -> None:
+    ``out_dir`` None means upload-only: files are staged under a private temporary directory on this node, which is
+    removed after a successful upload and kept (and named in the error) when the upload fails.
+    """
+
+    def __init__(
+        self, repo: str, targets: list[ModelTarget], out_dir: str | None, base_folder: str, fmt: str, num_pois: int
+    ) -> None:
         self.repo = repo
         self.targets = targets
-        self.out_dir = Path(out_dir)
         self.base_folder = base_folder
         self.fmt = fmt
-        self.final_dir = self.out_dir / Path(output_relpath(repo, base_folder, "x")).parent
-        self.staging = self.out_dir / STAGING_DIR / uuid.uuid4().hex
+        self.num_pois = num_pois
+        self.temporary = out_dir is None
+        self.root = Path(tempfile.mkdtemp(prefix="rqvae_ray-out-")) if out_dir is None else Path(out_dir)
+        self.final_dir = output_dir(self.root, repo, base_folder)
+        self.staging = self.root / STAGING_DIR / uuid.uuid4().hex
         try:
             self.final_dir.mkdir(parents=True, exist_ok=True)
             self.staging.mkdir(parents=True)
@@ -110,6 +156,7 @@ class DatasetWriter:
             ) from None
         self.sinks = [_Sink(t, self.staging / t.filename, fmt) for t in targets]
         self.next_pid = 1
+        self.published: list[Path] = []
 
     def write(self, block: pa.Table, span: tuple[int, int] | None = None) -> int:
         """Append one block, or its rows ``span``, in Pid order; returns the number of rows written so far."""
@@ -126,32 +173,54 @@ class DatasetWriter:
         self.next_pid += len(pids)
         return self.next_pid - 1
 
-    def finish(self, num_pois: int) -> list[dict]:
-        """Validate every staged file and rename it into place; returns one result dict per model."""
-        results = []
+    def finish(self) -> list[dict]:
+        """Validate every staged file, rename it into place and update the manifest; one result per model."""
         for sink in self.sinks:
             sink.close()
-        if self.next_pid - 1 != num_pois:
+        if self.next_pid - 1 != self.num_pois:
             self.abort()
-            raise OutputError(f"{self.repo}: wrote {self.next_pid - 1} rows but the dataset has {num_pois} POIs")
+            raise OutputError(f"{self.repo}: wrote {self.next_pid - 1} rows but the dataset has {self.num_pois} POIs")
+        manifest = read_manifest(self.final_dir)
+        results = []
         for sink in self.sinks:
             final = self.final_dir / sink.target.filename
             os.replace(sink.staged, final)
-            results.append(
-                {
-                    "model_id": sink.target.model_id,
-                    "path": str(final),
-                    "rows": sink.counter.rows,
-                    "sha256": sink.digest.hexdigest(),
-                    "quality": sink.counter.summary(),
-                }
-            )
+            self.published.append(final)
+            entry = {
+                "model_id": sink.target.model_id,
+                "file": sink.target.filename,
+                "format": self.fmt,
+                "rows": sink.counter.rows,
+                "sha256": sink.digest.hexdigest(),
+                "tool_version": __version__,
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **sink.target.provenance,
+                "sid_stats": sink.counter.summary(),
+            }
+            manifest["models"][sink.target.model_id] = entry
+            results.append({**entry, "path": str(final)})
+        manifest.update({"tool": "rqvae_ray", "dataset": self.repo})
+        _atomic_write(self.final_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
         shutil.rmtree(self.staging, ignore_errors=True)
         _remove_if_empty(self.staging.parent)
         return results
 
+    def upload(self, message: str, retries: int, backoff_s: float) -> str:
+        """Commit this run's files and the manifest to the dataset repo; returns the commit oid."""
+        from rqvae_ray.upload import UploadError, commit_files
+
+        prefix = f"{self.base_folder}/Intermediate Files"
+        files = [(path, f"{prefix}/{path.name}") for path in [*self.published, self.final_dir / MANIFEST_FILE]]
+        try:
+            oid = commit_files(self.repo, files, message, retries=retries, backoff_s=backoff_s)
+        except UploadError as exc:
+            raise UploadError(f"{exc}; the finished files are kept in {self.final_dir}") from None
+        if self.temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return oid
+
     def abort(self) -> None:
-        """Drop every staged file."""
+        """Drop every staged (unpublished) file."""
         for sink in self.sinks:
             try:
                 sink.close()
@@ -159,6 +228,8 @@ class DatasetWriter:
                 pass
         shutil.rmtree(self.staging, ignore_errors=True)
         _remove_if_empty(self.staging.parent)
+        if self.temporary and not self.published:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _remove_if_empty(path: Path) -> None:

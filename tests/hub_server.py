@@ -89,7 +89,7 @@ import secrets
 import shutil
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -127,7 +127,7 @@ def _lfs_pointer(sha256: str, size: int) -> bytes:
 
 def _now() -> str:
     """Current UTC time in the format the Hub uses (parsed by ``huggingface_hub.utils.parse_datetime``)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def _digest(token: str) -> str:

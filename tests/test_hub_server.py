@@ -8,11 +8,16 @@ How the client is pointed at the stand-in (``huggingface_hub`` reads ``HF_ENDPOI
 * tests that need the environment variables themselves (``HF_ENDPOINT`` without ``endpoint=``,
   ``HF_HUB_OFFLINE=1``, ``HF_HUB_DISABLE_XET=1``) run the client in a fresh ``python`` subprocess.
 
-Retry behaviour of the client that these tests pin down (see the report in the module ``hub_server``):
-``POST .../preupload/...``, the LFS batch/upload/verify calls, the tree listing and the ``HEAD /resolve`` retry
-pass go through ``http_backoff`` and are retried on 408/429/5xx; the ``GET /resolve`` download is retried on
-408/429 only; the ``POST .../commit/...`` of ``create_commit``/``upload_file``, ``repo_info`` and ``create_repo``
-are not retried, while ``upload_folder`` (pipelined path, taken when ``hf_xet`` is installed) retries its commit POST.
+Retry behaviour of the client (``huggingface_hub`` 2.4.0) that these tests pin down. ``http_backoff`` retries
+408/429/500/502/503/504 up to 5 times (``utils/_http.py:466``), sleeping 1, 2, 4, 8 s or ``Retry-After + 1`` s:
+
+* retried: ``POST .../preupload/...`` (``_commit_api.py:762``), LFS batch/verify/PUT (``lfs.py:206,303,367``), tree
+  listing (``utils/_pagination.py:41``), the ``upload_folder`` commit POST (``_upload_pipeline.py:666``, the path
+  taken when ``hf_xet`` is installed), and the ``HEAD /resolve`` call, on a second pass only, when no cached copy exists
+  (``file_download.py:1188``);
+* ``GET /resolve`` (the download itself) is retried on 408/429 only (``file_download.py:398``);
+* not retried: the commit POST of ``create_commit``/``upload_file`` (``hf_api.py:5280`` -> ``_commit_api.py:1067``),
+  ``model_info``/``dataset_info``/``repo_info`` (``hf_api.py:3214,3284``) and ``create_repo`` (``hf_api.py:4752``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""Shared fixtures: the demo hub, one CLI run of the 10 default models, and an in-process local Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Ray must bind to loopback only, in this process and in every Ray process it starts.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
+    """Run ``python -m rqvae_ray.run ARGS`` in a subprocess and return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rqvae_ray.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_hub(tmp_path_factory) -> Path:
+    """The demo hub (real NYC + TKY-shaped data, 10 published-layout checkpoints), built once per session."""
+    from rqvae_ray.demo import build_demo_hub
+
+    return build_demo_hub(tmp_path_factory.mktemp("hub") / "hub", progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_hub, tmp_path_factory):
+    """One CLI run of the 10 default models on the demo hub under local Ray: (out_dir, completed process)."""
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("--hub-dir", str(demo_hub), "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """An in-process local Ray for pipeline tests (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
