@@ -70,9 +70,7 @@ def run(
     demo: Annotated[
         bool, typer.Option("--demo", help=f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")
-    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
     dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 1024,
