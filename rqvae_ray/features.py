@@ -21,17 +21,15 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class PoiFeatures:
-    """A validated dataset: ``rows`` is row ``i`` = Pid ``i + 1``."""
+    """A validated dataset (row ``i`` is Pid ``i + 1``): sparse rows in memory, or Parquet shards read in order."""
 
     repo: str
-    rows: SparseRows
     dim: int
+    num_pois: int
     sha256: str
     revision: str
-
-    @property
-    def num_pois(self) -> int:
-        return self.rows.num_rows
+    rows: SparseRows | None = None
+    shards: tuple[str, ...] = ()
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -121,8 +119,50 @@ def check_pid_mapping(files: DatasetFiles, num_pois: int) -> None:
         raise DatasetError(f"{files.repo}: pid_mapping.csv Mapped_Pid must run 1..{num_pois}")
 
 
+def _metadata_dim(files: DatasetFiles) -> int:
+    if files.metadata is None:
+        raise DatasetError(f"{files.repo}: 'RQVAE Dataset/metadata.json' is missing; restore it (it holds total_dim)")
+    try:
+        return int(json.loads(files.metadata.read_text())["total_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{files.repo}: metadata.json has no readable 'total_dim' ({exc}); restore it") from None
+
+
+def _load_parquet(files: DatasetFiles) -> PoiFeatures:
+    import pyarrow.parquet as pq
+
+    num_pois = 0
+    dim = _metadata_dim(files)
+    for shard in files.features:
+        try:
+            parquet = pq.ParquetFile(shard)
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{files.repo}: {shard.name} is not a readable Parquet file ({exc})") from None
+        names = set(parquet.schema_arrow.names)
+        if "Pid" not in names or not ({"indices", "features"} & names):
+            raise DatasetError(
+                f"{files.repo}: {shard.name} needs a 'Pid' column and 'indices' (sparse) or 'features' (dense); "
+                f"found {sorted(names)}"
+            )
+        num_pois += parquet.metadata.num_rows
+    if num_pois == 0:
+        raise DatasetError(f"{files.repo}: the Parquet shards hold no rows (0 POIs); nothing to encode")
+    _check_metadata(files, num_pois, dim)
+    check_pid_mapping(files, num_pois)
+    return PoiFeatures(
+        repo=files.repo,
+        dim=dim,
+        num_pois=num_pois,
+        sha256=_sha256_files(files.features),
+        revision=files.revision,
+        shards=tuple(str(p) for p in files.features),
+    )
+
+
 def load_features(files: DatasetFiles) -> PoiFeatures:
-    """Load and validate a ``poi_features.pt`` dataset into sparse rows (row ``i`` is Pid ``i + 1``)."""
+    """Load and validate a dataset: ``poi_features.pt`` into memory, or the Parquet shards' metadata."""
+    if files.is_parquet:
+        return _load_parquet(files)
     dense = load_dense_features(files.features[0], files.repo)
     num_pois, dim = dense.shape
     if num_pois == 0:
@@ -132,10 +172,11 @@ def load_features(files: DatasetFiles) -> PoiFeatures:
     check_pid_mapping(files, num_pois)
     return PoiFeatures(
         repo=files.repo,
-        rows=SparseRows.from_dense(dense),
         dim=dim,
+        num_pois=num_pois,
         sha256=_sha256_files(files.features),
         revision=files.revision,
+        rows=SparseRows.from_dense(dense),
     )
 
 
@@ -152,7 +193,10 @@ def sparse_table(rows: SparseRows, first_pid: int = 1) -> pa.Table:
 
 
 def rows_from_table(table: pa.Table) -> SparseRows:
-    """Inverse of :func:`sparse_table` (also accepts a dense ``features`` fixed-size-list column)."""
+    """Inverse of :func:`sparse_table`; also accepts a dense ``features`` fixed-size-list column.
+
+    Raises :class:`DatasetError` for NaN/Inf values, so that bad rows streamed from Parquet stop the dataset.
+    """
     if "indices" in table.column_names:
         column = table.column("indices").combine_chunks()
         start = column.offsets[0].as_py() if len(column) else 0
@@ -160,29 +204,50 @@ def rows_from_table(table: pa.Table) -> SparseRows:
         indices = column.flatten().to_numpy().astype(np.int64)
         values = None
         if "values" in table.column_names:
-            values = table.column("values").combine_chunks().flatten().to_numpy().astype(np.float32)
+            values = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            values = values.astype(np.float32)
             if len(values) != len(indices):
                 raise DatasetError("each row's 'values' must have as many entries as its 'indices'")
+            bad = np.flatnonzero(~np.isfinite(values))
+            if len(bad):
+                _reject_row(table, int(np.searchsorted(indptr, bad[0], side="right")) - 1)
         return SparseRows(indptr, indices, values)
     column = table.column("features").combine_chunks()
     width = column.type.list_size
-    dense = column.flatten().to_numpy().astype(np.float32).reshape(-1, width)
+    dense = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    bad = np.argwhere(~np.isfinite(dense))
+    if len(bad):
+        _reject_row(table, int(bad[0][0]))
     return SparseRows.from_dense(dense)
 
 
-def to_ray_dataset(features: PoiFeatures, block_rows: int):
-    """A Ray Dataset of the sparse rows, ``block_rows`` POIs per block, in Pid order."""
-    import ray.data
+def _reject_row(table: pa.Table, row: int) -> None:
+    pid = table.column("Pid")[row].as_py()
+    raise DatasetError(f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
 
+
+def to_ray_dataset(features: PoiFeatures, block_rows: int):
+    """A Ray Dataset of the rows in Pid order (``block_rows`` POIs per in-memory block).
+
+    Parquet shards are read by tasks pinned to the driver's node (where the files are) and travel to the encoder
+    actors through the object store.
+    """
+    import ray
+    import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if features.shards:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return ray.data.read_parquet(list(features.shards), ray_remote_args={"scheduling_strategy": here})
+    rows = features.rows
     tables = []
-    indptr = features.rows.indptr
     for start in range(0, features.num_pois, block_rows):
         stop = min(start + block_rows, features.num_pois)
-        lo, hi = indptr[start], indptr[stop]
+        lo, hi = rows.indptr[start], rows.indptr[stop]
         part = SparseRows(
-            indptr[start : stop + 1] - lo,
-            features.rows.indices[lo:hi],
-            None if features.rows.values is None else features.rows.values[lo:hi],
+            rows.indptr[start : stop + 1] - lo,
+            rows.indices[lo:hi],
+            None if rows.values is None else rows.values[lo:hi],
         )
         tables.append(sparse_table(part, first_pid=start + 1))
     return ray.data.from_arrow(tables)

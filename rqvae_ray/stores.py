@@ -12,7 +12,7 @@ In the Hub the first level is the repo (model repo ``<org>/<model_name>``, datas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rqvae_ray.model_ids import ModelSpec
@@ -37,7 +37,6 @@ class DatasetFiles:
     metadata: Path | None
     pid_mapping: Path | None
     revision: str
-    file_revisions: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_parquet(self) -> bool:
@@ -129,11 +128,34 @@ class HfHub:
     def dataset_files(self, org: str, dataset: str) -> DatasetFiles:
         """Download a dataset's files into the HF cache and return their paths."""
         repo = f"{org}/{dataset}"
-        features, commit = self._download(repo, FEATURES_FILE, "dataset")
-        metadata, meta_commit = self._optional(repo, METADATA_FILE)
-        mapping, map_commit = self._optional(repo, PID_MAPPING_FILE)
-        revisions = {FEATURES_FILE: commit, METADATA_FILE: meta_commit, PID_MAPPING_FILE: map_commit}
-        return DatasetFiles(repo, [features], metadata, mapping, commit, {k: v for k, v in revisions.items() if v})
+        try:
+            features, commit = self._download(repo, FEATURES_FILE, "dataset")
+            shards = [features]
+        except ResourceNotFoundError as exc:
+            if "has no file" not in str(exc):
+                raise
+            shards, commit = self._parquet_shards(repo)
+        metadata, _ = self._optional(repo, METADATA_FILE)
+        mapping, _ = self._optional(repo, PID_MAPPING_FILE)
+        return DatasetFiles(repo, shards, metadata, mapping, commit)
+
+    def _parquet_shards(self, repo: str) -> tuple[list[Path], str]:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(
+                repo,
+                repo_type="dataset",
+                revision=self.revisions["dataset"],
+                allow_patterns=[f"{FEATURES_PARQUET_DIR}/*.parquet"],
+            )
+        )
+        shards = sorted((folder / FEATURES_PARQUET_DIR).glob("*.parquet"))
+        if not shards:
+            raise ResourceNotFoundError(
+                f"dataset repo {repo} has neither {FEATURES_FILE!r} nor Parquet shards in {FEATURES_PARQUET_DIR!r}"
+            )
+        return shards, folder.name
 
     def _optional(self, repo: str, filename: str) -> tuple[Path | None, str]:
         try:
