@@ -4,21 +4,29 @@ Two layouts are understood, detected from the keys:
 
 * published (comp5331poi ``rqvae_best.pt``): ``model_state_dict`` with ``encoder.layers.{i}`` Linear/BatchNorm1d
   blocks (each followed by ReLU, Dropout), ``encoder.proj`` and ``quantizer.quantizers.{l}.vectors.weight``;
-* paper authors' (GNPR-SID ``codebook.py``): ``state_dict`` with ``encoder.mlp_layers.{i}`` Linear layers (optional
-  BatchNorm1d, ReLU between them, nothing after the last) and ``rq.vq_layers.{l}.embedding.weight``.
+* paper authors' (GNPR-SID ``RQVAE``, saved by its trainer as ``{"args": Namespace, "state_dict": ..., "optimizer":
+  ...}`` with pickle protocol 4): ``state_dict`` with ``encoder.mlp_layers.{i}``, an ``nn.Sequential`` of Dropout,
+  Linear, optional BatchNorm1d and ReLU (none after the last Linear), and ``rq.vq_layers.{l}.embedding.weight``
+  (optionally ``codebook_projection``, applied to the codebook as the authors' quantizer does).
 
 The architecture (input dim, hidden sizes, latent dim, levels, codebook sizes) is read from tensor shapes only.
 BatchNorm is folded into the preceding Linear in float64 at load time; the result is an immutable
 :class:`ModelWeights` of numpy arrays that actors receive through the Ray object store.
+
+Loading always goes through ``torch.load(weights_only=True)``. The only global allowed beyond torch's defaults is
+``argparse.Namespace``, and it unpickles as an inert stand-in that drops its attributes. Pickles of protocol 3-5 (which
+torch's restricted unpickler cannot read) are first rewritten opcode by opcode to protocol 2 without executing
+anything; torch's unpickler still decides what may be built.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import pickle
+import pickletools
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,20 +94,126 @@ def load_checkpoint_bytes(data: bytes, source: str = "checkpoint") -> ModelWeigh
     if not data:
         raise CheckpointError(f"{source}: the file is empty; re-download or re-export the checkpoint")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        archive = _protocol2_archive(data)
+        with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
+            obj = torch.load(io.BytesIO(archive), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(
-            f"{source}: refused to load: it holds Python objects outside the tensor allowlist ({first[:160]}); "
-            "only plain state-dict checkpoints are accepted, re-save it with torch.save(state_dict)"
+            f"{source}: refused to load: {_refusal_reason(exc)}; only checkpoints of tensors, plain containers and "
+            "argparse training arguments are accepted, re-save it with torch.save(state_dict)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception:  # untrusted bytes: torch's reader and unpickler fail in many ways (struct, index, assert, ...)
         raise CheckpointError(
-            f"{source}: corrupt or truncated checkpoint ({first[:160]}); re-download or re-export it"
+            f"{source}: corrupt or truncated checkpoint ({len(data)} bytes, not a complete torch archive); "
+            "re-download or re-export it"
         ) from None
     return weights_from_checkpoint(obj, source=source, sha256=hashlib.sha256(data).hexdigest())
+
+
+class _TrainingArgs:
+    """Unpickled in place of ``argparse.Namespace``, the training arguments GNPR-SID checkpoints carry.
+
+    Inference never reads them, so the pickled attributes are dropped: the file cannot set any attribute on it (not
+    even ``__class__``), and constructing it with arguments fails.
+    """
+
+    __slots__ = ()
+
+    def __setstate__(self, state: object) -> None:
+        """Drop the pickled attributes."""
+
+
+def _refusal_reason(exc: pickle.UnpicklingError) -> str:
+    text = str(exc)
+    named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if named:
+        return f"it needs the Python global '{named.group(1)}', which is not allowlisted"
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return f"unsupported or corrupt pickle content ({(lines[0] if lines else 'no detail')[:160]})"
+
+
+def _protocol2_archive(data: bytes) -> bytes:
+    """The torch zip archive with its pickle rewritten to protocol 2 when it uses a later protocol, else ``data``."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return data
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        entries = archive.infolist()
+        pickles = [e for e in entries if e.filename.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            return data
+        pkl = archive.read(pickles[0])
+        if len(pkl) < 2 or pkl[0] != pickle.PROTO[0] or pkl[1] <= 2:
+            return data
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as rebuilt:
+            for entry in entries:
+                rebuilt.writestr(entry.filename, _to_protocol2(pkl) if entry is pickles[0] else archive.read(entry))
+    return out.getvalue()
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+
+
+def _to_protocol2(pkl: bytes) -> bytes:
+    """Rewrite a protocol 3-5 pickle with protocol 2 opcodes; nothing is executed or built.
+
+    FRAME is dropped, MEMOIZE becomes BINPUT and STACK_GLOBAL becomes GLOBAL: the module and name strings it pops
+    are held back (with their memo slots) until it is clear whether STACK_GLOBAL consumes them. Every other opcode is
+    copied; torch's restricted unpickler rejects the ones it does not support. The output is never longer than the
+    input by more than a few bytes per string.
+    """
+    ops = list(pickletools.genops(pkl))
+    ends = [pos for _, _, pos in ops[1:]] + [ops[-1][2] + 1]
+    out = bytearray(b"\x80\x02")
+    memo: dict[int, str | None] = {}  # memo slot -> the string it holds, or None for any other object
+    emitted: set[int] = set()  # string slots already written to ``out``
+    pending: list[list] = []  # strings pushed but not yet written: [value, memo slot or None]
+
+    def flush() -> None:
+        for value, slot in pending:
+            if slot is not None and slot in emitted:
+                out.extend(_memo_op(b"h", b"j", slot))
+                continue
+            encoded = value.encode("utf-8", "surrogatepass")
+            out.extend(b"X" + struct.pack("<I", len(encoded)) + encoded)
+            if slot is not None:
+                out.extend(_memo_op(b"q", b"r", slot))
+                emitted.add(slot)
+        pending.clear()
+
+    for (op, arg, pos), end in zip(ops, ends, strict=True):
+        if op.name in ("PROTO", "FRAME"):
+            continue
+        if op.name in _STRING_OPS:
+            pending.append([arg, None])
+        elif op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):
+            slot = len(memo) if op.name == "MEMOIZE" else arg
+            if pending and pending[-1][1] is None:
+                pending[-1][1] = slot
+                memo[slot] = pending[-1][0]
+                emitted.discard(slot)
+            else:
+                flush()
+                out.extend(_memo_op(b"q", b"r", slot))
+                memo[slot] = None
+        elif op.name in ("BINGET", "LONG_BINGET") and isinstance(memo.get(arg), str):
+            pending.append([memo[arg], arg])
+        elif op.name == "STACK_GLOBAL":
+            if len(pending) < 2 or any("\n" in value for value, _ in pending[-2:]):
+                raise pickle.UnpicklingError("opcode STACK_GLOBAL lacks the module and name strings it needs")
+            (module, _), (name, _) = pending[-2:]
+            del pending[-2:]
+            flush()
+            out.extend(f"c{module}\n{name}\n".encode())
+        else:
+            flush()
+            out.extend(pkl[pos:end])
+    return bytes(out)
+
+
+def _memo_op(short: bytes, long: bytes, slot: int) -> bytes:
+    return short + bytes([slot]) if slot < 256 else long + struct.pack("<I", slot)
 
 
 def _state_dict(obj: object, source: str) -> dict[str, np.ndarray]:
@@ -112,10 +226,10 @@ def _state_dict(obj: object, source: str) -> dict[str, np.ndarray]:
                 break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{source}: no state dict found (expected a dict with 'model_state_dict')")
-    state: dict[str, np.ndarray] = {}
-    for key, value in obj.items():
-        if isinstance(value, torch.Tensor):
-            state[str(key)] = value.detach().cpu().numpy()
+    state = {str(k): v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        keys = ", ".join(sorted(map(str, obj))[:12])
+        raise CheckpointError(f"{source}: no tensors found (keys seen: {keys}); expected a state dict of tensors")
     return state
 
 
@@ -126,11 +240,11 @@ def weights_from_checkpoint(obj: object, source: str = "checkpoint", sha256: str
         k.startswith("quantizer.quantizers.") for k in state
     ):
         layers = _published_encoder(state, source)
-        codebooks = _codebooks(state, r"quantizer\.quantizers\.(\d+)\.vectors\.weight", source)
+        codebooks = _codebooks(state, "quantizer.quantizers.{}.vectors.weight", _width(layers), source)
         layout = "published"
     elif any(k.startswith("encoder.mlp_layers.") for k in state) and any(k.startswith("rq.vq_layers.") for k in state):
         layers = _authors_encoder(state, source)
-        codebooks = _codebooks(state, r"rq\.vq_layers\.(\d+)\.embedding\.weight", source)
+        codebooks = _authors_codebooks(state, _width(layers), source)
         layout = "authors"
     else:
         seen = sorted({".".join(k.split(".")[:2]) for k in state})
@@ -139,8 +253,12 @@ def weights_from_checkpoint(obj: object, source: str = "checkpoint", sha256: str
             "'encoder.layers.*' + 'quantizer.quantizers.*' (published) or 'encoder.mlp_layers.*' + 'rq.vq_layers.*'"
         )
     weights = ModelWeights(layers=tuple(layers), codebooks=tuple(codebooks), layout=layout, sha256=sha256)
-    _check_shapes(weights, source)
+    _check_finite(weights, source)
     return weights
+
+
+def _width(layers: list[Layer]) -> int:
+    return int(layers[-1].weight.shape[0])
 
 
 def _indexed(state: dict[str, np.ndarray], prefix: str) -> dict[int, dict[str, np.ndarray]]:
@@ -189,79 +307,112 @@ def _fold_batchnorm(
     return weight * scale[:, None], (bias - parts["running_mean"]) * scale + beta
 
 
-def _published_encoder(state: dict[str, np.ndarray], source: str) -> list[Layer]:
-    modules = _indexed(state, "encoder.layers.")
-    layers: list[Layer] = []
-    pending: tuple[np.ndarray, np.ndarray] | None = None
+def _mlp(state: dict[str, np.ndarray], prefix: str, source: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The Linear layers of the ``nn.Sequential`` under ``prefix`` in order, each with its BatchNorm1d folded in.
+
+    Parameter-free modules (ReLU, Dropout) leave gaps in the indices; both layouts put an activation between two
+    Linears and a BatchNorm directly after its Linear, so anything else is refused rather than guessed.
+    """
+    modules = _indexed(state, prefix)
+    linears: list[tuple[np.ndarray, np.ndarray]] = []
+    last_linear = last_module = -2  # indices of the last Linear and of the last module with parameters
     for index in sorted(modules):
-        module, key = modules[index], f"encoder.layers.{index}"
+        module, key = modules[index], f"{prefix}{index}"
         if "running_mean" in module or "running_var" in module:
-            if pending is None:
-                raise CheckpointError(f"{source}: '{key}' is a BatchNorm with no Linear before it")
-            pending = _fold_batchnorm(*pending, module, key, source)
-        elif "weight" in module:
-            if pending is not None:
-                layers.append(Layer(*pending, relu=True))
-            pending = _linear(module, key, source)
-    if pending is None:
-        raise CheckpointError(f"{source}: 'encoder.layers.*' holds no Linear layer")
-    layers.append(Layer(*pending, relu=True))
+            if last_linear != index - 1:
+                raise CheckpointError(
+                    f"{source}: '{key}' is a BatchNorm that does not directly follow a Linear; unsupported layer order"
+                )
+            linears[-1] = _fold_batchnorm(*linears[-1], module, key, source)
+        else:
+            if last_module == index - 1:
+                raise CheckpointError(
+                    f"{source}: '{key}' directly follows another layer with no activation between them; "
+                    "unsupported layer order"
+                )
+            weight, bias = _linear(module, key, source)
+            if linears:
+                _check_chain(weight, linears[-1][0], key, source)
+            linears.append((weight, bias))
+            last_linear = index
+        last_module = index
+    if not linears:
+        raise CheckpointError(f"{source}: '{prefix}*' holds no Linear layer")
+    return linears
+
+
+def _check_chain(weight: np.ndarray, before: np.ndarray, key: str, source: str) -> None:
+    if weight.shape[1] != before.shape[0]:
+        raise CheckpointError(
+            f"{source}: '{key}.weight' has shape {list(weight.shape)}: it takes {weight.shape[1]} inputs but the "
+            f"layer before gives {before.shape[0]}; the state dict has inconsistent shapes"
+        )
+
+
+def _published_encoder(state: dict[str, np.ndarray], source: str) -> list[Layer]:
+    layers = [Layer(w, b, relu=True) for w, b in _mlp(state, "encoder.layers.", source)]
     proj = {k[len("encoder.proj.") :]: v for k, v in state.items() if k.startswith("encoder.proj.")}
     if not proj:
         raise CheckpointError(f"{source}: missing key 'encoder.proj.weight'; the state dict is incomplete")
-    layers.append(Layer(*_linear(proj, "encoder.proj", source), relu=False))
-    return layers
+    weight, bias = _linear(proj, "encoder.proj", source)
+    _check_chain(weight, layers[-1].weight, "encoder.proj", source)
+    return [*layers, Layer(weight, bias, relu=False)]
 
 
 def _authors_encoder(state: dict[str, np.ndarray], source: str) -> list[Layer]:
-    modules = _indexed(state, "encoder.mlp_layers.")
-    linears: list[tuple[np.ndarray, np.ndarray]] = []
-    for index in sorted(modules):
-        module, key = modules[index], f"encoder.mlp_layers.{index}"
-        if "running_mean" in module or "running_var" in module:
-            if not linears:
-                raise CheckpointError(f"{source}: '{key}' is a BatchNorm with no Linear before it")
-            linears[-1] = _fold_batchnorm(*linears[-1], module, key, source)
-        elif "weight" in module:
-            linears.append(_linear(module, key, source))
-    if not linears:
-        raise CheckpointError(f"{source}: 'encoder.mlp_layers.*' holds no Linear layer")
+    linears = _mlp(state, "encoder.mlp_layers.", source)
     return [Layer(w, b, relu=i < len(linears) - 1) for i, (w, b) in enumerate(linears)]
 
 
-def _codebooks(state: dict[str, np.ndarray], pattern: str, source: str) -> list[np.ndarray]:
-    found: dict[int, np.ndarray] = {}
-    for key, value in state.items():
-        match = re.fullmatch(pattern, key)
-        if match:
-            found[int(match.group(1))] = value
-    if not found:
-        raise CheckpointError(f"{source}: no codebook tensors found (pattern {pattern})")
-    if sorted(found) != list(range(len(found))):
-        raise CheckpointError(f"{source}: codebook levels {sorted(found)} are not numbered 0..{len(found) - 1}")
-    books = [found[level].astype(np.float32) for level in range(len(found))]
+def _authors_codebooks(state: dict[str, np.ndarray], width: int, source: str) -> list[np.ndarray]:
+    ema = sorted(k for k in state if re.fullmatch(r"rq\.vq_layers\.\d+\.(ema_w|cluster_size)", k))
+    if ema:
+        raise CheckpointError(
+            f"{source}: '{ema[0]}' marks a GNPR-SID V2 CRQVAE, whose quantizer picks codewords by cosine similarity "
+            "and scales them; only the nearest-codeword residual quantizer (GNPR-SID RQVAE) is supported"
+        )
+    books = _codebooks(state, "rq.vq_layers.{}.embedding.weight", width, source)
     for level, book in enumerate(books):
-        if book.ndim != 2 or book.shape[0] < 1:
-            raise CheckpointError(f"{source}: codebook of level {level} has shape {list(book.shape)}, expected [K, d]")
+        key = f"rq.vq_layers.{level}.codebook_projection"
+        projection = {k[len(key) + 1 :]: v for k, v in state.items() if k.startswith(key + ".")}
+        if not projection:
+            continue
+        weight, bias = _linear(projection, key, source)
+        if weight.shape != (width, width):
+            raise CheckpointError(
+                f"{source}: '{key}.weight' has shape {list(weight.shape)}, expected [{width}, {width}] to match "
+                "the codebook; the state dict has inconsistent shapes"
+            )
+        books[level] = (book.astype(np.float64) @ weight.T + bias).astype(np.float32)
     return books
 
 
-def _check_shapes(weights: ModelWeights, source: str) -> None:
-    width = weights.layers[0].weight.shape[1]
-    for index, layer in enumerate(weights.layers):
-        if layer.weight.shape[1] != width:
+def _codebooks(state: dict[str, np.ndarray], template: str, width: int, source: str) -> list[np.ndarray]:
+    """The codebooks ``template.format(level)`` for levels 0, 1, ..., each ``[K, width]`` as float32."""
+    before, after = template.split("{}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    found = {int(m.group(1)): value for key, value in state.items() if (m := pattern.fullmatch(key))}
+    if not found:
+        raise CheckpointError(f"{source}: missing key '{template.format(0)}'; no codebook tensors found")
+    gaps = sorted(set(range(max(found) + 1)) - set(found))
+    if gaps:
+        raise CheckpointError(
+            f"{source}: missing key '{template.format(gaps[0])}'; codebook levels {sorted(found)} skip level {gaps[0]}"
+        )
+    for level in range(len(found)):
+        book = found[level]
+        if book.ndim != 2 or book.shape[0] < 1 or book.shape[1] != width:
             raise CheckpointError(
-                f"{source}: encoder layer {index} takes {layer.weight.shape[1]} inputs but the layer before gives "
-                f"{width}; the state dict has inconsistent shapes"
+                f"{source}: '{template.format(level)}' has shape {list(book.shape)}, expected [K, {width}] since the "
+                f"encoder outputs {width}; the state dict has inconsistent shapes"
             )
-        width = layer.weight.shape[0]
+    return [found[level].astype(np.float32) for level in range(len(found))]
+
+
+def _check_finite(weights: ModelWeights, source: str) -> None:
+    for index, layer in enumerate(weights.layers):
         if not (np.isfinite(layer.weight).all() and np.isfinite(layer.bias).all()):
             raise CheckpointError(f"{source}: encoder layer {index} has NaN or Inf weights; the checkpoint is broken")
     for level, book in enumerate(weights.codebooks):
-        if book.shape[1] != width:
-            raise CheckpointError(
-                f"{source}: codebook of level {level} has dimension {book.shape[1]} but the encoder outputs {width}; "
-                "the state dict has inconsistent shapes"
-            )
         if not np.isfinite(book).all():
             raise CheckpointError(f"{source}: codebook of level {level} has NaN or Inf entries")

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from rqvae_ray.model_ids import DEFAULT_MODELS, InvalidModelIdError, parse_model_ids
+from rqvae_ray.model_ids import DEFAULT_MODELS, split_model_ids
+from rqvae_ray.pipeline import ModelResult
 from rqvae_ray.runner import SetupError, run_specs
 
 DEMO_HUB = Path("demo_hub")
@@ -89,11 +90,11 @@ def run(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
-    try:
-        specs = parse_model_ids(model_ids or list(DEFAULT_MODELS))
-    except InvalidModelIdError as exc:
-        _err(f"invalid model ID: {exc}")
-        raise typer.Exit(2) from None
+    specs, bad_ids = split_model_ids(model_ids or list(DEFAULT_MODELS))
+    for reason in bad_ids.values():
+        _err(f"invalid model ID {reason}")
+    if not specs:
+        raise typer.Exit(2)
     if dataset is not None:
         specs = [s for s in specs if s.dataset == dataset.value]
         if not specs:
@@ -134,6 +135,10 @@ def run(
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are kept, unfinished ones were not published")
+        import ray
+
+        # Unblocks the dataset threads still waiting on Ray, so that the process can exit now.
+        ray.shutdown()
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:
@@ -141,12 +146,17 @@ def run(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _err(f"{type(exc).__name__}: {first} (--debug for details)")
         raise typer.Exit(1) from None
+    for result in results:
+        if not result.ok:
+            _err(f"{result.model_id}: {result.error}")
+    invalid = [
+        ModelResult(model_id, "", ok=False, error=f"invalid model ID {why}") for model_id, why in bad_ids.items()
+    ]
+    results += invalid
     typer.echo("")
     typer.echo(_table(results))
     failed = [r for r in results if not r.ok]
     typer.echo(f"\n{len(results) - len(failed)} of {len(results)} models succeeded")
-    for result in failed:
-        _err(f"{result.model_id}: {result.error}")
     if failed:
         raise typer.Exit(1)
 

@@ -100,20 +100,26 @@ def parse_model_id(model_id: str) -> ModelSpec:
     )
 
 
-def parse_model_ids(model_ids: list[str] | tuple[str, ...]) -> list[ModelSpec]:
-    """Parse every ID, reporting all bad ones together; duplicates are dropped, order kept."""
+def split_model_ids(model_ids: list[str] | tuple[str, ...]) -> tuple[list[ModelSpec], dict[str, str]]:
+    """Parse every ID: the valid specs (duplicates dropped, order kept) and ``{bad id: reason}``."""
     specs: dict[str, ModelSpec] = {}
-    errors: list[str] = []
+    errors: dict[str, str] = {}
     for model_id in model_ids:
         try:
             spec = parse_model_id(model_id)
         except InvalidModelIdError as exc:
-            errors.append(str(exc))
+            errors[model_id] = str(exc)
             continue
         specs.setdefault(spec.model_id, spec)
+    return list(specs.values()), errors
+
+
+def parse_model_ids(model_ids: list[str] | tuple[str, ...]) -> list[ModelSpec]:
+    """Parse every ID, raising one :class:`InvalidModelIdError` that reports all bad ones together."""
+    specs, errors = split_model_ids(model_ids)
     if errors:
-        raise InvalidModelIdError("; ".join(errors))
-    return list(specs.values())
+        raise InvalidModelIdError("; ".join(errors.values()))
+    return specs
 
 
 def group_by_dataset(specs: list[ModelSpec]) -> dict[tuple[str, str], list[ModelSpec]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -165,7 +166,12 @@ def _up_to_date(ready: _Ready, features: PoiFeatures, options: RunOptions, exten
 
 
 def run_dataset(
-    repo: tuple[str, str], specs: list[ModelSpec], options: RunOptions, progress: Progress, actors_total: int
+    repo: tuple[str, str],
+    specs: list[ModelSpec],
+    options: RunOptions,
+    progress: Progress,
+    actors_total: int,
+    cancel: threading.Event,
 ) -> list[ModelResult]:
     """Run every model of one dataset; never raises for model or dataset problems."""
     org, dataset = repo
@@ -182,10 +188,10 @@ def run_dataset(
     for spec in specs:
         try:
             data, revision = options.hub.checkpoint(spec)
-            weights = load_checkpoint_bytes(data, source=spec.model_id)
+            weights = load_checkpoint_bytes(data, source="checkpoint")
             if weights.input_dim != features.dim:
                 raise CheckpointError(
-                    f"{spec.model_id}: the model takes {weights.input_dim} input features but {org}/{dataset} has "
+                    f"the model takes {weights.input_dim} input features but {org}/{dataset} has "
                     f"{features.dim}; pair the model with the dataset it was trained on"
                 )
         except (ResourceNotFoundError, CheckpointError) as exc:
@@ -200,7 +206,7 @@ def run_dataset(
         progress(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()} (revision {revision})")
         ready.append(candidate)
     if ready:
-        for result in _encode_and_write(features, ready, options, actors_total, progress):
+        for result in _encode_and_write(features, ready, options, actors_total, progress, cancel):
             results[result.model_id] = result
     elapsed = time.monotonic() - started
     for result in results.values():
@@ -217,7 +223,12 @@ def _commit_message(features: PoiFeatures, ready: list[_Ready]) -> str:
 
 
 def _encode_and_write(
-    features: PoiFeatures, ready: list[_Ready], options: RunOptions, actors_total: int, progress: Progress
+    features: PoiFeatures,
+    ready: list[_Ready],
+    options: RunOptions,
+    actors_total: int,
+    progress: Progress,
+    cancel: threading.Event,
 ) -> list[ModelResult]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -268,6 +279,8 @@ def _encode_and_write(
         pending = []
         last_report = time.monotonic()
         for bundle in ds.iter_internal_ref_bundles():
+            if cancel.is_set():
+                raise Cancelled(f"{features.repo}: interrupted; unfinished outputs were not published")
             for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
                 span = (part.start_offset, part.end_offset) if part is not None else None
                 pending.append(writer.write.remote(entry.ref, span))
@@ -330,14 +343,29 @@ def check_out_dir(out_dir: str) -> None:
         ) from None
 
 
+class Cancelled(RuntimeError):
+    """The run was interrupted; unfinished outputs were not published."""
+
+
 def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress = print) -> list[ModelResult]:
-    """Run all models (Ray must be initialised); datasets run concurrently. Returns results in input order."""
+    """Run all models (Ray must be initialised); datasets run concurrently. Returns results in input order.
+
+    On KeyboardInterrupt every dataset stops at its next block, its staged files are dropped, and the interrupt
+    propagates; outputs already published stay.
+    """
     _configure_data_context(options)
     groups = group_by_dataset(specs)
     actors_total = max(1, len(specs) * options.max_actors)
-    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-        futures = [
-            pool.submit(run_dataset, repo, group, options, progress, actors_total) for repo, group in groups.items()
-        ]
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=len(groups))
+    futures = [
+        pool.submit(run_dataset, repo, group, options, progress, actors_total, cancel) for repo, group in groups.items()
+    ]
+    try:
         by_id = {r.model_id: r for f in futures for r in f.result()}
+    except BaseException:
+        cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return [by_id[s.model_id] for s in specs]

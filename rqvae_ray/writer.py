@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -146,9 +147,10 @@ class DatasetWriter:
         self.temporary = out_dir is None
         self.root = Path(tempfile.mkdtemp(prefix="rqvae_ray-out-")) if out_dir is None else Path(out_dir)
         self.final_dir = output_dir(self.root, repo, base_folder)
-        self.staging = self.root / STAGING_DIR / uuid.uuid4().hex
+        self.staging = self.root / STAGING_DIR / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
         try:
             self.final_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(self.staging.parent)
             self.staging.mkdir(parents=True)
         except OSError as exc:
             raise OutputError(
@@ -230,6 +232,23 @@ class DatasetWriter:
         _remove_if_empty(self.staging.parent)
         if self.temporary and not self.published:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove_stale_staging(staging_root: Path) -> None:
+    """Delete staging folders left by writers on this host that no longer run (e.g. after SIGKILL)."""
+    if not staging_root.is_dir():
+        return
+    host = socket.gethostname()
+    for folder in staging_root.iterdir():
+        parts = folder.name.rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _remove_if_empty(path: Path) -> None:

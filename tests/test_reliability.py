@@ -1,0 +1,260 @@
+"""Bad inputs, interruptions and faults: every failure is one clear line, and nothing partial is ever published."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rqvae_ray.demo import fit_checkpoint, nyc_features, tky_features, write_dataset
+from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
+from rqvae_ray.pipeline import RunOptions, run_models
+from rqvae_ray.stores import LocalHub
+from tests.conftest import REPO, run_cli
+
+N = 300
+MARKER_NAME = "pwned-by-pickle"
+
+
+class Payload:
+    """Pickles to a call of os.system: loading it unsafely would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _model(hub: Path, model_id: str, checkpoint: object) -> None:
+    spec = parse_model_id(model_id)
+    path = hub / "models" / spec.org / spec.name / "rqvae_best.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(checkpoint, bytes):
+        path.write_bytes(checkpoint)
+    else:
+        torch.save(checkpoint, path)
+
+
+@pytest.fixture(scope="module")
+def bad_hub(tmp_path_factory):
+    """A small hub with one good model and one model or dataset for each bad input of the catalogue."""
+    hub = tmp_path_factory.mktemp("badhub")
+    features, metadata, mapping = nyc_features()
+    features, mapping = features[:N], mapping[:N]
+    metadata = {**metadata, "num_pois": N}
+    good = fit_checkpoint(parse_model_id("good/rqvae-nyc-ok"), features)
+    write_dataset(hub, "good/nyc", features, metadata, mapping)
+    _model(hub, "good/rqvae-nyc-ok", good)
+    buffer = io.BytesIO()
+    torch.save(good, buffer)
+    _model(hub, "good/rqvae-nyc-truncated", buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    marker = hub / MARKER_NAME
+    _model(hub, "good/rqvae-nyc-pickle", {**good, "hook": Payload(marker)})
+    _model(hub, "good/rqvae-nyc-global", {**good, "trained_on": datetime.date(2025, 1, 1)})
+    state = dict(good["model_state_dict"])
+    missing = {k: v for k, v in state.items() if k != "encoder.proj.weight"}
+    _model(hub, "good/rqvae-nyc-missingkey", {"model_state_dict": missing})
+    shapes = {**state, "quantizer.quantizers.1.vectors.weight": torch.zeros(32, 16)}
+    _model(hub, "good/rqvae-nyc-badshape", {"model_state_dict": shapes})
+    tky = tky_features()[0][:200]
+    _model(hub, "good/rqvae-nyc-tkydims", fit_checkpoint(parse_model_id("x/rqvae-tky-a"), tky))
+
+    def dataset(org: str, feats=features, meta=metadata, rows=mapping) -> None:
+        write_dataset(hub, f"{org}/nyc", feats, meta, rows)
+        _model(hub, f"{org}/rqvae-nyc-a", good)
+
+    with_nan = features.copy()
+    with_nan[41, 3] = np.nan
+    dataset("nan", with_nan)
+    dataset("inf", np.where(np.arange(N)[:, None] == 7, np.inf, features).astype(np.float32))
+    dataset("dupmap", rows=mapping[:-1] + [("dup", mapping[0][1])])
+    dataset("shortmap", rows=mapping[:-5])
+    dataset("nomap")
+    (hub / "datasets/nomap/nyc/Intermediate Files/pid_mapping.csv").unlink()
+    dataset("empty", features[:0], {**metadata, "num_pois": 0}, [])
+    dataset("nometa")
+    (hub / "datasets/nometa/nyc/RQVAE Dataset/metadata.json").unlink()
+    dataset("badmeta", meta={**metadata, "total_dim": 999})
+    return hub
+
+
+BAD_MODELS = {
+    "good/rqvae-div0.25": "must say its dataset",
+    "good/rqvae-nyc-div0.2.5": "'div0.2.5' is not a number",
+    "../x/..": "exactly one '/'",
+    "good/..": "may only use",
+    "good/rqvae-nyc-missing": "not found",
+    "good/rqvae-nyc-truncated": "corrupt or truncated",
+    "good/rqvae-nyc-pickle": "refused to load",
+    "good/rqvae-nyc-global": "refused to load",
+    "good/rqvae-nyc-missingkey": "missing key 'encoder.proj.weight'",
+    "good/rqvae-nyc-badshape": "inconsistent shapes",
+    "good/rqvae-nyc-tkydims": "takes 2569 input features but good/nyc has 1407",
+    "nan/rqvae-nyc-a": "NaN or Inf (first at Pid 42)",
+    "inf/rqvae-nyc-a": "NaN or Inf (first at Pid 8)",
+    "dupmap/rqvae-nyc-a": "repeats Mapped_Pid 1",
+    "shortmap/rqvae-nyc-a": "has 295 rows but the features have 300",
+    "nomap/rqvae-nyc-a": "pid_mapping.csv' is missing",
+    "empty/rqvae-nyc-a": "empty (0 POIs)",
+    "nometa/rqvae-nyc-a": "metadata.json' is missing",
+    "badmeta/rqvae-nyc-a": "total_dim 999 but the features have 1407",
+}
+
+
+def test_bad_input_catalogue(bad_hub, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("good/rqvae-nyc-ok", *BAD_MODELS, "--hub-dir", str(bad_hub), "--out-dir", str(out))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    for model_id, reason in BAD_MODELS.items():
+        lines = [
+            line
+            for line in errors
+            if line.startswith((f"error: {model_id}: ", f"error: invalid model ID {model_id!r}"))
+        ]
+        assert len(lines) == 1, (model_id, errors)
+        assert reason in lines[0], (model_id, lines[0])
+    assert f"1 of {1 + len(BAD_MODELS)} models succeeded" in proc.stdout
+    assert not (bad_hub / MARKER_NAME).exists()
+    published = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert published == ["codebooks-rqvae-nyc-ok.csv", "rqvae_ray-manifest.json"]
+    good_csv = next(out.rglob("codebooks-rqvae-nyc-ok.csv"))
+    assert len(good_csv.read_text().splitlines()) == N + 1
+    assert not list(out.rglob(".rqvae_ray-staging/*"))
+
+
+def test_unwritable_output_fails_before_any_work(bad_hub, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(blocker / "out"), timeout=120)
+    assert proc.returncode == 2
+    assert "is not writable" in proc.stderr and str(blocker / "out") in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_up_to_date_outputs_are_skipped_and_force_redoes_them(bad_hub, tmp_path):
+    out = tmp_path / "out"
+    first = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    path = next(out.rglob("codebooks-rqvae-nyc-ok.csv"))
+    before, manifest = path.read_bytes(), json.loads(next(out.rglob("rqvae_ray-manifest.json")).read_text())
+    entry = manifest["models"]["good/rqvae-nyc-ok"]
+    assert entry["rows"] == N and len(entry["sha256"]) == 64 and len(entry["checkpoint_sha256"]) == 64
+    assert entry["features_sha256"] and entry["tool_version"] and entry["sid_stats"]["pois"] == N
+    second = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out))
+    assert second.returncode == 0 and "up to date" in second.stdout and "skipped" in second.stdout
+    path.write_bytes(before[:-10])  # a damaged output is not up to date
+    third = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out))
+    assert third.returncode == 0 and "up to date" not in third.stdout
+    assert path.read_bytes() == before
+    forced = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out), "--force")
+    assert forced.returncode == 0 and "up to date" not in forced.stdout
+    assert path.read_bytes() == before
+
+
+def _visible_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file() and ".rqvae_ray-staging" not in p.parts]
+
+
+def _assert_complete(out: Path) -> None:
+    """Every visible codebooks file is complete and matches its manifest entry."""
+    for path in _visible_files(out):
+        if path.name.startswith("codebooks-"):
+            manifest = json.loads((path.parent / "rqvae_ray-manifest.json").read_text())
+            entry = next(e for e in manifest["models"].values() if e["file"] == path.name)
+            with path.open(newline="") as handle:
+                rows = list(csv.reader(handle))
+            assert len(rows) == entry["rows"] + 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_hub, demo_run, tmp_path, sig):
+    out = tmp_path / "out"
+    models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5], DEFAULT_MODELS[6]]
+    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "32"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rqvae_ray.run", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "comp5331poi/nyc: 5135 POIs written" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    lines.append(rest)
+    output = "".join(lines)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, output[-2000:]
+        assert "interrupted" in output
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _assert_complete(out)
+    assert not [p for p in _visible_files(out) if "tky" in p.parts], "a TKY output was published before it was complete"
+    again = run_cli(*models, "--hub-dir", str(demo_hub), "--out-dir", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    reference, _ = demo_run
+    for spec in parse_model_ids(models):
+        rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
+        assert (out / rel).read_bytes() == (reference / rel).read_bytes()
+    assert not list(out.rglob(".rqvae_ray-staging/*"))
+
+
+def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path):
+    import psutil
+
+    specs = parse_model_ids([DEFAULT_MODELS[6]])
+    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), batch_size=16)
+    killed: list[int] = []
+    written = threading.Event()
+
+    def progress(message: str) -> None:
+        if "POIs written" in message:
+            written.set()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "EncodeBatches" in " ".join(process.info["cmdline"] or []):
+                    time.sleep(2.0)
+                    process.kill()
+                    killed.append(process.info["pid"])
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    results = run_models(specs, options, progress=progress)
+    thread.join(timeout=5)
+    assert killed, "no encoder actor process was found to kill"
+    assert results[0].ok, results[0].error
+    reference, _ = demo_run
+    rel = Path("datasets/comp5331poi/tky/LLM Dataset/Intermediate Files") / specs[0].csv_name
+    assert (tmp_path / rel).read_bytes() == (reference / rel).read_bytes()
