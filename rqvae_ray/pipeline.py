@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +92,7 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    import ray.data  # noqa: F401 - imported here, in the background, rather than on the critical path
 
 
 def _actor_resources(options: RunOptions, total_actors: int) -> tuple[float, float]:
@@ -172,6 +173,7 @@ def run_dataset(
     progress: Progress,
     actors_total: int,
     cancel: threading.Event,
+    ray_ready: Future,
 ) -> list[ModelResult]:
     """Run every model of one dataset; never raises for model or dataset problems."""
     org, dataset = repo
@@ -206,6 +208,7 @@ def run_dataset(
         progress(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()} (revision {revision})")
         ready.append(candidate)
     if ready:
+        ray_ready.result()
         for result in _encode_and_write(features, ready, options, actors_total, progress, cancel):
             results[result.model_id] = result
     elapsed = time.monotonic() - started
@@ -347,21 +350,33 @@ class Cancelled(RuntimeError):
     """The run was interrupted; unfinished outputs were not published."""
 
 
-def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress = print) -> list[ModelResult]:
-    """Run all models (Ray must be initialised); datasets run concurrently. Returns results in input order.
+def run_models(
+    specs: list[ModelSpec], options: RunOptions, progress: Progress = print, address: str | None = None
+) -> list[ModelResult]:
+    """Run all models; datasets run concurrently. Returns results in input order.
 
+    Datasets and checkpoints load in worker threads while this thread starts (or joins) Ray: Ray's own processes
+    must be started from the main thread, since they are tied to the lifetime of the thread that spawns them.
     On KeyboardInterrupt every dataset stops at its next block, its staged files are dropped, and the interrupt
     propagates; outputs already published stay.
     """
-    _configure_data_context(options)
     groups = group_by_dataset(specs)
     actors_total = max(1, len(specs) * options.max_actors)
     cancel = threading.Event()
+    ray_ready: Future = Future()
     pool = ThreadPoolExecutor(max_workers=len(groups))
     futures = [
-        pool.submit(run_dataset, repo, group, options, progress, actors_total, cancel) for repo, group in groups.items()
+        pool.submit(run_dataset, repo, group, options, progress, actors_total, cancel, ray_ready)
+        for repo, group in groups.items()
     ]
     try:
+        try:
+            init_ray(address)
+            _configure_data_context(options)
+        except BaseException as exc:
+            ray_ready.set_exception(exc)
+            raise
+        ray_ready.set_result(None)
         by_id = {r.model_id: r for f in futures for r in f.result()}
     except BaseException:
         cancel.set()

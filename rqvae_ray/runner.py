@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rqvae_ray.model_ids import ModelSpec
-from rqvae_ray.pipeline import ModelResult, Progress, RunOptions, check_out_dir, init_ray, run_models
+from rqvae_ray.pipeline import ModelResult, Progress, RunOptions, check_out_dir, run_models
 from rqvae_ray.stores import HfHub, LocalHub, ResourceNotFoundError
 from rqvae_ray.upload import UploadError, require_token
 from rqvae_ray.writer import OutputError
@@ -48,5 +48,5 @@ def run_specs(
             hub = LocalHub(hub_dir)
     except (UploadError, OutputError, ResourceNotFoundError) as exc:
         raise SetupError(str(exc)) from None
-    init_ray(address)
-    return run_models(specs, RunOptions(hub=hub, out_dir=out_dir, upload=upload, **options), progress=progress)
+    run_options = RunOptions(hub=hub, out_dir=out_dir, upload=upload, **options)
+    return run_models(specs, run_options, progress=progress, address=address)
