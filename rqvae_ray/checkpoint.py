@@ -6,8 +6,13 @@ Two layouts are understood, detected from the keys:
   blocks (each followed by ReLU, Dropout), ``encoder.proj`` and ``quantizer.quantizers.{l}.vectors.weight``;
 * paper authors' (GNPR-SID ``RQVAE``, saved by its trainer as ``{"args": Namespace, "state_dict": ..., "optimizer":
   ...}`` with pickle protocol 4): ``state_dict`` with ``encoder.mlp_layers.{i}``, an ``nn.Sequential`` of Dropout,
-  Linear, optional BatchNorm1d and ReLU (none after the last Linear), and ``rq.vq_layers.{l}.embedding.weight``
-  (optionally ``codebook_projection``, applied to the codebook as the authors' quantizer does).
+  Linear, BatchNorm1d when trained with ``--bn`` (after the last Linear too) and ReLU (not after the last Linear), and
+  ``rq.vq_layers.{l}.embedding.weight`` (with ``codebook_projection``, trained with ``--use-liner 1``, the projected
+  codebook is the codebook, as in the authors' quantizer). Other orders that keep each BatchNorm directly after its
+  Linear and a parameter-free module between Linears (e.g. Linear, BatchNorm, ReLU, Dropout) read the same way.
+  SIDs are always the nearest codewords: the authors' own inference uses Sinkhorn assignment (batch dependent) when
+  trained with ``--use_sk`` and a positive epsilon, which is deliberately not reproduced. GNPR-SID V2's cosine
+  quantizer (``ema_w`` buffers) is refused.
 
 The architecture (input dim, hidden sizes, latent dim, levels, codebook sizes) is read from tensor shapes only.
 BatchNorm is folded into the preceding Linear in float64 at load time; the result is an immutable

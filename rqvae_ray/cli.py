@@ -85,8 +85,17 @@ def run(
     base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
     output_format: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.csv,
     force: Annotated[bool, typer.Option("--force", help="Redo outputs that are already up to date.")] = False,
+    dedup: Annotated[
+        bool, typer.Option("--dedup", help="Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
+    ] = False,
+    sid_tokens: Annotated[
+        bool, typer.Option("--sid-tokens", help="Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
+    ] = False,
     actor_wait_s: Annotated[float, typer.Option(help="Fail if a pool gets no actor within this many seconds.")] = 600.0,
     upload_retries: Annotated[int, typer.Option(min=0, help="Retries of a failed upload commit.")] = 5,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
+    ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
@@ -127,6 +136,8 @@ def run(
             base_folder=base_folder,
             fmt=output_format.value,
             force=force,
+            dedup=dedup,
+            sid_tokens=sid_tokens,
             actor_wait_s=actor_wait_s,
             upload_retries=upload_retries,
         )
@@ -156,9 +167,29 @@ def run(
     typer.echo("")
     typer.echo(_table(results))
     failed = [r for r in results if not r.ok]
+    _report(results, report_dir or out_dir)
     typer.echo(f"\n{len(results) - len(failed)} of {len(results)} models succeeded")
     if failed:
         raise typer.Exit(1)
+
+
+def _report(results: list[ModelResult], folder: Path | None) -> None:
+    """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
+    from rqvae_ray.report import ReportError, draw_quality_png, quality_table, write_quality_json
+
+    reports = {r.model_id: r.quality for r in results if r.ok and r.quality}
+    if not reports:
+        return
+    typer.echo("\nSID quality\n" + quality_table(reports))
+    if folder is None:
+        return
+    try:
+        json_path = write_quality_json(folder / "sid_quality.json", reports)
+        png_path = draw_quality_png(folder / "sid_quality.png", reports)
+    except (ReportError, OSError) as exc:
+        _err(f"warning: the quality report was not written ({exc})")
+        return
+    typer.echo(f"quality report: {json_path} and {png_path}")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from rqvae_ray.encoder import Encoder, make_encoder
 from rqvae_ray.features import rows_from_table
-from rqvae_ray.formatting import arrow_columns, csv_lines
+from rqvae_ray.formatting import arrow_columns, csv_lines, csv_parts, sid_tokens
 from rqvae_ray.sid_stats import pack_codes
 
 INPUT_COLUMNS = ("indices", "values", "features")
@@ -18,7 +18,7 @@ INPUT_COLUMNS = ("indices", "values", "features")
 class EncodeBatches:
     """Callable class for ``Dataset.map_batches``: appends one model's columns to each batch."""
 
-    def __init__(self, weights_ref: list, column: str, fmt: str, drop_inputs: bool) -> None:
+    def __init__(self, weights_ref: list, column: str, fmt: str, drop_inputs: bool, dedup: bool, tokens: bool) -> None:
         import ray
 
         weights = ray.get(weights_ref[0])
@@ -26,6 +26,8 @@ class EncodeBatches:
         self.column = column
         self.fmt = fmt
         self.drop_inputs = drop_inputs
+        self.dedup = dedup
+        self.tokens = tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         codes, vectors = self.encoder.encode(rows_from_table(batch))
@@ -33,11 +35,17 @@ class EncodeBatches:
         sizes = self.encoder.weights.codebook_sizes
         batch = batch.append_column(f"{self.column}.sid", pa.array(pack_codes(codes, sizes)))
         if self.fmt == "csv":
-            batch = batch.append_column(f"{self.column}.csv", csv_lines(pids, codes, vectors))
+            parts = csv_parts(pids, codes, vectors, self.tokens)
+            if self.dedup:  # the writer adds the dedup codes once every SID is counted
+                columns = parts
+            else:
+                columns = {"csv": csv_lines(parts)}
         else:
-            columns = arrow_columns(pids, codes, vectors)
-            batch = batch.append_column(f"{self.column}.codebook", columns["Codebook"])
-            batch = batch.append_column(f"{self.column}.vector", columns["Vector"])
+            columns = {k.lower(): v for k, v in arrow_columns(pids, codes, vectors).items() if k != "Pid"}
+            if self.tokens:
+                columns["tokens"] = sid_tokens(codes)
+        for name, values in columns.items():
+            batch = batch.append_column(f"{self.column}.{name}", values)
         if self.drop_inputs:
             batch = batch.drop_columns([c for c in INPUT_COLUMNS if c in batch.column_names])
         return batch

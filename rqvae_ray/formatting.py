@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 CSV_HEADER = b"Pid,Codebook,Vector\n"
+CSV_HEADER_WITH_SID = b"Pid,Codebook,Vector,SID\n"
+TOKEN_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _joined_lists(flat: pa.Array, width: int) -> pa.Array:
@@ -26,14 +28,50 @@ def float_strings(values: np.ndarray) -> pa.Array:
     return pc.if_else(pc.equal(text, "-0"), "-0.0", text)
 
 
-def csv_lines(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray) -> pa.Array:
-    """One complete CSV line (with newline) per row: ``Pid,"[c1, c2, c3]","[v1, ..., vd]"``."""
-    if len(pids) == 0:
+def _ints(values: np.ndarray) -> pa.Array:
+    return pa.array(np.ascontiguousarray(values, dtype=np.int64).ravel()).cast(pa.string())
+
+
+def sid_tokens(codes: np.ndarray) -> pa.Array:
+    """The downstream LLM token string of each SID: ``<a_12><b_3><c_7>`` (one letter per level)."""
+    parts = []
+    for level in range(codes.shape[1]):
+        parts += [f"<{TOKEN_LETTERS[level]}_", _ints(codes[:, level]), ">"]
+    return pc.binary_join_element_wise(*parts, "")
+
+
+def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: bool) -> dict[str, pa.Array]:
+    """The pieces of each CSV line around the place where a dedup code may go.
+
+    ``head`` is ``Pid,"[c1, c2, c3``, ``tail`` is ``]","[v1, ..., vd]"`` and ``tokens`` (when asked) is
+    ``,<a_..><b_..><c_..>``; a line is ``head + tail + tokens + newline``.
+    """
+    head = pc.binary_join_element_wise(_ints(pids), ',"[', _joined_lists(_ints(codes), codes.shape[1]), "")
+    tail = pc.binary_join_element_wise(']","[', _joined_lists(float_strings(vectors), vectors.shape[1]), ']"', "")
+    parts = {"head": head, "tail": tail}
+    if tokens:
+        parts["tokens"] = pc.binary_join_element_wise(",", sid_tokens(codes), "")
+    return parts
+
+
+def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:
+    """Complete CSV lines from :func:`csv_parts`; ``extra`` (>= 0 where a POI shares its SID) adds the dedup code
+    to the Codebook list and a ``<x_k>`` token after the ``levels`` SID tokens."""
+    if len(parts["head"]) == 0:
         return pa.array([], type=pa.string())
-    pid_text = pa.array(pids.astype(np.int64)).cast(pa.string())
-    code_text = _joined_lists(pa.array(codes.astype(np.int64).ravel()).cast(pa.string()), codes.shape[1])
-    vector_text = _joined_lists(float_strings(vectors), vectors.shape[1])
-    return pc.binary_join_element_wise(pid_text, ',"[', code_text, ']","[', vector_text, ']"\n', "")
+    pieces = [parts["head"]]
+    shared = None
+    if extra is not None:
+        shared = pa.array(extra >= 0)
+        pieces.append(pc.if_else(shared, pc.binary_join_element_wise(", ", _ints(extra), ""), ""))
+    pieces.append(parts["tail"])
+    if "tokens" in parts:
+        pieces.append(parts["tokens"])
+        if shared is not None:
+            token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", _ints(extra), ">", "")
+            pieces.append(pc.if_else(shared, token, ""))
+    pieces.append("\n")
+    return pc.binary_join_element_wise(*pieces, "")
 
 
 def string_bytes(array: pa.Array | pa.ChunkedArray) -> bytes:
@@ -62,3 +100,26 @@ def arrow_columns(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray) -> d
         "Codebook": pa.ListArray.from_arrays(offsets, pa.array(codes.astype(np.int32).ravel())),
         "Vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim),
     }
+
+
+def with_dedup_codes(codebook: pa.Array, extra: np.ndarray) -> pa.Array:
+    """``Codebook`` lists with the dedup code appended where ``extra`` >= 0."""
+    codebook = codebook.combine_chunks() if isinstance(codebook, pa.ChunkedArray) else codebook
+    levels = len(codebook.flatten()) // max(len(codebook), 1)
+    codes = codebook.flatten().to_numpy().reshape(len(codebook), levels)
+    shared = extra >= 0
+    lengths = levels + shared.astype(np.int32)
+    offsets = np.zeros(len(codes) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.empty(offsets[-1], dtype=np.int32)
+    starts = offsets[:-1]
+    for level in range(levels):
+        values[starts + level] = codes[:, level]
+    values[starts[shared] + levels] = extra[shared]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def with_dedup_tokens(tokens: pa.Array, extra: np.ndarray, levels: int) -> pa.Array:
+    """SID token strings with ``<x_k>`` appended where ``extra`` >= 0."""
+    token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", _ints(extra), ">", "")
+    return pc.binary_join_element_wise(tokens, pc.if_else(pa.array(extra >= 0), token, ""), "")

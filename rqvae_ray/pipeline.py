@@ -49,6 +49,8 @@ class RunOptions:
     gpus_per_model: float | None = None
     actor_wait_s: float = 600.0
     force: bool = False
+    dedup: bool = False
+    sid_tokens: bool = False
     upload_retries: int = 5
     upload_backoff_s: float = 1.0
 
@@ -149,7 +151,13 @@ def _up_to_date(ready: _Ready, features: PoiFeatures, options: RunOptions, exten
     folder = output_dir(Path(options.out_dir), features.repo, options.base_folder)
     entry = read_manifest(folder)["models"].get(ready.spec.model_id)
     path = folder / f"codebooks-{ready.spec.name}.{extension}"
-    wanted = {**ready.provenance(features), "format": options.fmt, "tool_version": __version__}
+    wanted = {
+        **ready.provenance(features),
+        "format": options.fmt,
+        "dedup": options.dedup,
+        "sid_tokens": options.sid_tokens,
+        "tool_version": __version__,
+    }
     if not entry or any(entry.get(k) != v for k, v in wanted.items()) or not path.is_file():
         return None
     if file_sha256(path) != entry.get("sha256"):
@@ -252,6 +260,8 @@ def _encode_and_write(
                 "column": column,
                 "fmt": options.fmt,
                 "drop_inputs": index == len(ready) - 1,
+                "dedup": options.dedup,
+                "tokens": options.sid_tokens,
             },
             batch_size=options.batch_size,
             batch_format="pyarrow",
@@ -274,7 +284,16 @@ def _encode_and_write(
             num_gpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         )
-        .remote(features.repo, targets, options.out_dir, options.base_folder, options.fmt, features.num_pois)
+        .remote(
+            features.repo,
+            targets,
+            options.out_dir,
+            options.base_folder,
+            options.fmt,
+            features.num_pois,
+            options.dedup,
+            options.sid_tokens,
+        )
     )
     failure, commit = "", ""
     written: list[dict] = []

@@ -7,14 +7,19 @@ and drives its own Agg canvas (no pyplot state), so Ray actors never import it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rqvae_ray import __version__
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 # Bucket sizes (POIs per SID) are drawn in these bins: exact up to 5, then coarser.
 SIZE_BINS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000))
@@ -92,7 +97,7 @@ def draw_quality_png(path: str | Path, reports: dict[str, dict]) -> Path:
     for row, (model, summary) in enumerate(reports.items()):
         row_top = height - TOP_IN - row * ROW_HEIGHT_IN
         figure.text(
-            LEFT_IN / FIGURE_WIDTH_IN * 0.3,
+            0.2 / FIGURE_WIDTH_IN,
             (row_top - 0.18) / height,
             _headline(model, summary),
             fontsize=10,
@@ -120,7 +125,7 @@ def _headline(model: str, summary: dict) -> str:
     )
 
 
-def _draw_usage(axis, level: int, stats: dict, pois: int) -> None:
+def _draw_usage(axis: Axes, level: int, stats: dict, pois: int) -> None:
     usage, size = stats["usage"], stats["codebook_size"]
     color = LEVEL_COLORS[level % len(LEVEL_COLORS)]
     axis.bar(range(size), usage, width=0.85, color=color)
@@ -141,7 +146,9 @@ def _draw_usage(axis, level: int, stats: dict, pois: int) -> None:
     axis.tick_params(labelsize=7)
 
 
-def _draw_buckets(axis, summary: dict) -> None:
+def _draw_buckets(axis: Axes, summary: dict) -> None:
+    from matplotlib.ticker import NullFormatter
+
     axis.set_title("SIDs by POIs per SID (green: unique, red: collided)", fontsize=8.5)
     axis.tick_params(labelsize=7)
     histogram = {int(size): count for size, count in summary["bucket_size_histogram"].items()}
@@ -152,8 +159,6 @@ def _draw_buckets(axis, summary: dict) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
         return
-    from matplotlib.ticker import NullFormatter
-
     shown = max(i for i, count in enumerate(counts) if count) + 1
     colors = ["#2ca02c" if low == 1 else "#d62728" for low, _ in bins[:shown]]
     axis.set_ylim(0.7, max(10, max(counts) * 4))
@@ -161,7 +166,7 @@ def _draw_buckets(axis, summary: dict) -> None:
     axis.yaxis.set_minor_formatter(NullFormatter())
     bars = axis.bar(range(shown), counts[:shown], color=colors, width=0.8)
     axis.bar_label(bars, labels=[f"{c:,}" if c else "" for c in counts[:shown]], fontsize=6.5, padding=1)
-    crowded = {"rotation": 30, "ha": "right", "rotation_mode": "anchor"} if shown > 7 else {}
+    crowded = {"rotation": 30, "ha": "right", "rotation_mode": "anchor"} if shown > 8 else {}
     axis.set_xticks(range(shown), [_bin_label(low, high) for low, high in bins[:shown]], **crowded)
     axis.set_xlabel("POIs sharing one SID", fontsize=7.5, labelpad=1)
     axis.set_ylabel("SIDs (log)", fontsize=7.5)
@@ -184,6 +189,8 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         write(staged)
         os.replace(staged, path)
     except OSError as exc:
-        staged.unlink(missing_ok=True)
         raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after os.replace; may be unreachable when the write failed
+            staged.unlink(missing_ok=True)
     return path

@@ -38,6 +38,7 @@ class SidCounter:
         self.rows = 0
         self._dense = np.zeros(self.space, dtype=np.int64) if self.space <= DENSE_LIMIT else None
         self._sparse: dict[int, int] = {}
+        self._assigned: dict[int, int] | np.ndarray | None = None
 
     def add(self, packed: np.ndarray) -> None:
         """Count a batch of packed SIDs."""
@@ -54,6 +55,36 @@ class SidCounter:
         if self._dense is not None:
             return self._dense[packed]
         return np.array([self._sparse.get(v, 0) for v in packed.tolist()], dtype=np.int64)
+
+    def dedup_codes(self, packed: np.ndarray) -> np.ndarray:
+        """The extra code of each POI, -1 where its SID is unique; call in ascending Pid order after counting.
+
+        POIs sharing an SID get 0, 1, 2, ... in the order they are passed, as in the GNPR-SID authors' codebook.py.
+        """
+        if self._assigned is None:
+            self._assigned = np.zeros(self.space, dtype=np.int64) if self._dense is not None else {}
+        extra = np.full(len(packed), -1, dtype=np.int64)
+        shared = np.flatnonzero(self.count_of(packed) > 1)
+        if not len(shared):
+            return extra
+        sids = packed[shared]
+        order = np.argsort(sids, kind="stable")
+        ordered = sids[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        sizes = np.diff(np.r_[starts, len(ordered)])
+        rank = np.arange(len(ordered)) - np.repeat(starts, sizes)
+        groups = ordered[starts]
+        if isinstance(self._assigned, np.ndarray):
+            base = self._assigned[groups]
+            self._assigned[groups] += sizes
+        else:
+            base = np.array([self._assigned.get(g, 0) for g in groups.tolist()], dtype=np.int64)
+            for group, size in zip(groups.tolist(), sizes.tolist(), strict=True):
+                self._assigned[group] = self._assigned.get(group, 0) + size
+        values = np.empty(len(ordered), dtype=np.int64)
+        values[order] = np.repeat(base, sizes) + rank
+        extra[shared] = values
+        return extra
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """The SIDs seen (ascending) and their counts."""

@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray import __version__
-from rqvae_ray.formatting import CSV_HEADER, string_bytes
+from rqvae_ray.formatting import (
+    CSV_HEADER,
+    CSV_HEADER_WITH_SID,
+    csv_lines,
+    string_bytes,
+    with_dedup_codes,
+    with_dedup_tokens,
+)
 from rqvae_ray.sid_stats import SidCounter
 
 STAGING_DIR = ".rqvae_ray-staging"
@@ -74,50 +81,88 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class _Sink:
-    """One model's staged output file."""
+    """One model's staged output file.
 
-    def __init__(self, target: ModelTarget, staged: Path, fmt: str) -> None:
+    With ``dedup`` the rows first go to a spool file (Arrow IPC, on disk) while every SID is counted; closing the
+    sink then streams the spool once more, adding each shared SID's extra code in Pid order.
+    """
+
+    def __init__(self, target: ModelTarget, staged: Path, fmt: str, dedup: bool, tokens: bool) -> None:
         self.target = target
         self.staged = staged
         self.fmt = fmt
+        self.dedup = dedup
+        self.tokens = tokens
         self.digest = hashlib.sha256()
         self.counter = SidCounter(target.codebook_sizes)
         self.closed = False
         self._parquet = None
+        self._spool = None
+        self._spool_path = staged.with_name(staged.name + ".spool")
         self._handle = staged.open("wb") if fmt == "csv" else None
         if self._handle is not None:
-            self._write(CSV_HEADER)
+            self._write(CSV_HEADER_WITH_SID if tokens else CSV_HEADER)
 
     def _write(self, data: bytes) -> None:
         self._handle.write(data)
         self.digest.update(data)
 
     def append(self, block: pa.Table) -> None:
-        column = self.target.column
-        sids = block.column(f"{column}.sid").to_numpy()
+        prefix = f"{self.target.column}."
+        sids = block.column(prefix + "sid").to_numpy()
         if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
             raise OutputError(f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected")
         self.counter.add(sids)
+        columns = {"Pid": block.column("Pid")}
+        columns.update(
+            {name[len(prefix) :]: block.column(name) for name in block.column_names if name.startswith(prefix)}
+        )
+        table = pa.table(columns)
+        if not self.dedup:
+            self._emit(table, None)
+            return
+        if self._spool is None:
+            self._spool = pa.ipc.new_file(self._spool_path, table.schema)
+        self._spool.write_table(table)
+
+    def _emit(self, table: pa.Table, extra: np.ndarray | None) -> None:
         if self.fmt == "csv":
-            self._write(string_bytes(block.column(f"{column}.csv")))
+            if extra is None and "csv" in table.column_names:
+                self._write(string_bytes(table.column("csv")))
+                return
+            parts = {k: table.column(k).combine_chunks() for k in ("head", "tail", "tokens") if k in table.column_names}
+            self._write(string_bytes(csv_lines(parts, extra, len(self.target.codebook_sizes))))
             return
         import pyarrow.parquet as pq
 
-        table = pa.table(
-            {
-                "Pid": block.column("Pid"),
-                "Codebook": block.column(f"{column}.codebook"),
-                "Vector": block.column(f"{column}.vector"),
-            }
-        )
+        codebook, columns = table.column("codebook"), {"Pid": table.column("Pid")}
+        columns["Codebook"] = codebook if extra is None else with_dedup_codes(codebook, extra)
+        columns["Vector"] = table.column("vector")
+        if self.tokens:
+            tokens = table.column("tokens").combine_chunks()
+            levels = len(self.target.codebook_sizes)
+            columns["SID"] = tokens if extra is None else with_dedup_tokens(tokens, extra, levels)
+        out = pa.table(columns)
         if self._parquet is None:
-            self._parquet = pq.ParquetWriter(self.staged, table.schema)
-        self._parquet.write_table(table)
+            self._parquet = pq.ParquetWriter(self.staged, out.schema)
+        self._parquet.write_table(out)
+
+    def _replay_spool(self) -> None:
+        if self._spool is None:
+            return
+        self._spool.close()
+        with pa.memory_map(str(self._spool_path)) as source:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                table = pa.Table.from_batches([reader.get_batch(index)])
+                self._emit(table, self.counter.dedup_codes(table.column("sid").to_numpy()))
+        self._spool_path.unlink()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._replay_spool()
         if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
@@ -137,7 +182,15 @@ class DatasetWriter:
     """
 
     def __init__(
-        self, repo: str, targets: list[ModelTarget], out_dir: str | None, base_folder: str, fmt: str, num_pois: int
+        self,
+        repo: str,
+        targets: list[ModelTarget],
+        out_dir: str | None,
+        base_folder: str,
+        fmt: str,
+        num_pois: int,
+        dedup: bool = False,
+        tokens: bool = False,
     ) -> None:
         self.repo = repo
         self.targets = targets
@@ -156,7 +209,8 @@ class DatasetWriter:
             raise OutputError(
                 f"cannot create output directory {exc.filename}: {exc.strerror}; choose a writable --out-dir"
             ) from None
-        self.sinks = [_Sink(t, self.staging / t.filename, fmt) for t in targets]
+        self.sinks = [_Sink(t, self.staging / t.filename, fmt, dedup, tokens) for t in targets]
+        self.dedup, self.tokens = dedup, tokens
         self.next_pid = 1
         self.published: list[Path] = []
 
@@ -192,6 +246,8 @@ class DatasetWriter:
                 "model_id": sink.target.model_id,
                 "file": sink.target.filename,
                 "format": self.fmt,
+                "dedup": self.dedup,
+                "sid_tokens": self.tokens,
                 "rows": sink.counter.rows,
                 "sha256": sink.digest.hexdigest(),
                 "tool_version": __version__,

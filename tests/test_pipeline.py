@@ -48,7 +48,11 @@ def test_layout_header_order_and_floats(demo_run, demo_hub):
     manifests = [
         f"datasets/comp5331poi/{d}/LLM Dataset/Intermediate Files/rqvae_ray-manifest.json" for d in ("nyc", "tky")
     ]
-    assert files == sorted([output_path(out, s).relative_to(out).as_posix() for s in SPECS] + manifests)
+    reports = ["sid_quality.json", "sid_quality.png"]
+    assert files == sorted([output_path(out, s).relative_to(out).as_posix() for s in SPECS] + manifests + reports)
+    quality = json.loads((out / "sid_quality.json").read_text())["models"]
+    assert sorted(quality) == sorted(s.model_id for s in SPECS)
+    assert "SID quality" in proc.stdout and (out / "sid_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for dataset, n in (("nyc", 5135), ("tky", 7900)):
         spec = next(s for s in SPECS if s.dataset == dataset)
         header, rows = read_rows(output_path(out, spec))

@@ -131,7 +131,7 @@ def test_bad_input_catalogue(bad_hub, tmp_path):
     assert f"1 of {1 + len(BAD_MODELS)} models succeeded" in proc.stdout
     assert not (bad_hub / MARKER_NAME).exists()
     published = sorted(p.name for p in out.rglob("*") if p.is_file())
-    assert published == ["codebooks-rqvae-nyc-ok.csv", "rqvae_ray-manifest.json"]
+    assert published == ["codebooks-rqvae-nyc-ok.csv", "rqvae_ray-manifest.json", "sid_quality.json", "sid_quality.png"]
     good_csv = next(out.rglob("codebooks-rqvae-nyc-ok.csv"))
     assert len(good_csv.read_text().splitlines()) == N + 1
     assert not list(out.rglob(".rqvae_ray-staging/*"))

@@ -1,0 +1,144 @@
+"""The SID quality report: summary figures checked by hand, the JSON file, the text table and the PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rqvae_ray.report import ReportError, draw_quality_png, quality_table, write_quality_json
+from rqvae_ray.sid_stats import SidCounter, pack_codes
+
+# Six POIs, codebooks of 4: P1 and P2 collide, P3 shares their first two codes, P4 only the first.
+CODES = [[0, 1, 2], [0, 1, 2], [0, 1, 3], [0, 2, 0], [1, 0, 0], [3, 3, 3]]
+
+
+def _summary(codes: list[list[int]], sizes: tuple[int, ...]) -> dict:
+    counter = SidCounter(sizes)
+    array = np.array(codes, dtype=np.int64)
+    counter.add(pack_codes(array[:2], sizes))  # in two batches, as the writer receives them
+    counter.add(pack_codes(array[2:], sizes))
+    return counter.summary()
+
+
+def _entropy_perplexity(counts: list[int]) -> float:
+    total = sum(counts)
+    return math.exp(-sum(c / total * math.log(c / total) for c in counts if c))
+
+
+def test_summary_by_hand():
+    summary = _summary(CODES, (4, 4, 4))
+    assert summary["pois"] == 6
+    assert summary["unique_sids"] == 5
+    assert summary["collided_buckets"] == 1
+    assert summary["largest_bucket"] == 2
+    assert summary["pois_in_collided_buckets"] == 2
+    assert summary["bucket_size_histogram"] == {"1": 4, "2": 1}
+    assert summary["pois_sharing_prefix"] == {"1": 4, "2": 3, "3": 2}
+    usage = [[4, 1, 0, 1], [1, 3, 1, 1], [2, 0, 2, 2]]
+    assert [level["usage"] for level in summary["levels"]] == usage
+    assert [level["codewords_used"] for level in summary["levels"]] == [3, 4, 3]
+    assert [level["codebook_size"] for level in summary["levels"]] == [4, 4, 4]
+    for level, counts in zip(summary["levels"], usage, strict=True):
+        assert level["perplexity"] == pytest.approx(_entropy_perplexity(counts), rel=1e-12)
+    assert summary["levels"][2]["perplexity"] == pytest.approx(3.0, rel=1e-12)  # uniform over 3 codewords
+
+
+@pytest.mark.parametrize("size", [1, 4, 32])
+def test_perplexity_of_uniform_usage_is_k(size):
+    codes = [[k, 0] for k in range(size)] * 3
+    summary = _summary(codes, (size, 2))
+    assert summary["levels"][0]["perplexity"] == pytest.approx(size, rel=1e-12)
+    assert summary["levels"][0]["codewords_used"] == size
+    assert summary["levels"][1]["perplexity"] == pytest.approx(1.0)
+    assert summary["largest_bucket"] == 3 and summary["unique_sids"] == size
+
+
+def test_empty_counter():
+    summary = SidCounter((8, 8)).summary()
+    assert summary["pois"] == summary["unique_sids"] == summary["largest_bucket"] == 0
+    assert summary["bucket_size_histogram"] == {} and summary["pois_sharing_prefix"] == {"1": 0, "2": 0}
+
+
+def _reports() -> dict[str, dict]:
+    rng = np.random.default_rng(3)
+    reports = {"org/rqvae-hand": _summary(CODES, (4, 4, 4))}
+    for index, concentration in enumerate((0.05, 0.3, 1.0, 3.0, 10.0, 0.1, 0.5, 2.0, 30.0)):
+        size = 32 if index % 2 else 64
+        codes = np.stack([rng.choice(size, 6000, p=rng.dirichlet([concentration] * size)) for _ in range(3)], 1)
+        reports[f"org/rqvae-model-{index}-concentration{concentration}"] = _summary(codes.tolist(), (size,) * 3)
+    return reports
+
+
+def test_json_round_trip(tmp_path):
+    reports = _reports()
+    path = write_quality_json(tmp_path / "out" / "sid_quality.json", reports)
+    document = json.loads(path.read_text())
+    assert document["tool"] == "rqvae_ray" and document["models"] == reports
+    assert list(document["models"]) == list(reports)  # run order kept
+    assert [p.name for p in path.parent.iterdir()] == ["sid_quality.json"]  # no staged file left behind
+
+
+def test_table_lists_every_model_and_its_numbers():
+    reports = _reports()
+    table = quality_table(reports)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["model", "POIs", "unique"]
+    hand = next(line for line in lines if line.startswith("org/rqvae-hand "))
+    assert hand.split()[1:] == ["6", "5", "1", "2", "2", "3/4", "4/4", "3/4"] + [
+        f"{_entropy_perplexity([4, 1, 0, 1]):.1f}",
+        f"{_entropy_perplexity([1, 3, 1, 1]):.1f}",
+        "3.0",
+        "4",
+        "3",
+        "2",
+    ]
+    for model, summary in reports.items():
+        line = next(line for line in lines if line.startswith(model + " "))
+        assert f"{summary['unique_sids']:,}" in line.split()
+    assert "perplexity" in lines[-1] and all(line == line.rstrip() for line in lines)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_png_one_file_readable_size(tmp_path):
+    reports = _reports()
+    path = draw_quality_png(tmp_path / "sid_quality.png", reports)
+    width, height = _png_size(path.read_bytes())
+    assert width >= 1600 and height >= 240 * len(reports)  # about 2.5 inches per model row at 110 dpi
+    assert [p.name for p in tmp_path.iterdir()] == ["sid_quality.png"]
+    single = draw_quality_png(tmp_path / "one.png", {"org/rqvae-hand": reports["org/rqvae-hand"]})
+    one_width, one_height = _png_size(single.read_bytes())
+    assert one_width == width and one_height < height / 5
+
+
+def test_png_edge_cases(tmp_path):
+    reports = {
+        "org/empty": SidCounter((32, 32, 32)).summary(),
+        "org/two-levels": _summary([[1, 2], [1, 2], [0, 0]], (256, 256)),
+        "org/collapsed": _summary([[0, 0, 0, 0]] * 3000, (8, 8, 8, 8)),
+    }
+    _png_size(draw_quality_png(tmp_path / "edge.png", reports).read_bytes())
+    with pytest.raises(ReportError, match="no model summaries"):
+        draw_quality_png(tmp_path / "none.png", {})
+
+
+def test_unwritable_target_is_a_report_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ReportError, match="cannot write"):
+        write_quality_json(blocker / "sid_quality.json", _reports())
+
+
+def test_importing_the_report_does_not_import_matplotlib():
+    code = "import sys, rqvae_ray.report; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
