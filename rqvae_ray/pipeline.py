@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -125,6 +126,47 @@ def _configure_data_context(options: RunOptions) -> None:
     # The driver reports rows written per dataset itself; Ray Data's per-operator log lines would drown it.
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # A pool that cannot start is a sizing problem that the driver reports per model (see _pool_start_failure); Ray
+    # Data would log it as an internal Ray error, with a traceback and a request to report a bug to Ray.
+    logging.getLogger("ray.data.exceptions").addFilter(_HIDE_POOL_START_TIMEOUT)
+
+
+def _is_pool_start_timeout(exc: BaseException | None) -> bool:
+    """Ray Data's error for an actor pool that got no actors within ``DataContext.wait_for_min_actors_s``."""
+    from ray.exceptions import GetTimeoutError
+
+    return isinstance(exc, GetTimeoutError) and "Timed out while starting actors" in str(exc)
+
+
+class _HidePoolStartTimeout(logging.Filter):
+    """Drops Ray Data's log records about a pool start timeout (logged while that error is being handled)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not _is_pool_start_timeout(exc)
+
+
+_HIDE_POOL_START_TIMEOUT = _HidePoolStartTimeout()
+
+
+def _pool_start_failure(num_cpus: float, num_gpus: float, options: RunOptions) -> str:
+    """Why no encoder actor started within --actor-wait-s: what each asked for, what the nodes offer, what to change."""
+    import ray
+
+    asked = {"CPU": num_cpus, "GPU": num_gpus}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    wanted = " + ".join(f"{amount:g} {name}" for name, amount in asked.items() if amount)
+    if any(all(node.get(name, 0.0) >= amount for name, amount in asked.items()) for node in nodes):
+        why = "the nodes that could hold one are busy (other pools, jobs or actors hold their resources)"
+    else:
+        offers = [(node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes]
+        cpus, gpus = max(offers, key=lambda offer: offer[::-1], default=(0.0, 0.0))
+        why = f"no node has that much (the largest offers {cpus:g} CPU + {gpus:g} GPU)"
+    return (
+        f"no encoder actor started within --actor-wait-s {options.actor_wait_s:g}: each asks for {wanted} and {why}; "
+        "lower --gpus-per-model, --cpus-per-actor or the actors per model, add nodes, or raise --actor-wait-s if "
+        "nodes are still starting"
+    )
 
 
 @dataclass
@@ -321,7 +363,7 @@ def _encode_and_write(
             )
             progress(f"{features.repo}: uploaded as commit {commit}")
     except (OutputError, ray.exceptions.RayError, ValueError, RuntimeError) as exc:
-        failure = _one_line(exc)
+        failure = _pool_start_failure(num_cpus, num_gpus, options) if _is_pool_start_timeout(exc) else _one_line(exc)
         try:
             ray.get(writer.abort.remote())
         except ray.exceptions.RayError:
