@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -146,11 +147,11 @@ def run(
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         _err("interrupted; finished outputs are kept, unfinished ones were not published")
-        import ray
-
-        # Unblocks the dataset threads still waiting on Ray, so that the process can exit now.
-        ray.shutdown()
-        raise typer.Exit(130) from None
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Exit at once: a normal shutdown would race the dataset threads still inside Ray calls. Ray's local
+        # processes and this run's actors end with the driver; staged files are cleaned up by the next run.
+        os._exit(130)
     except Exception as exc:
         if debug:
             raise

@@ -284,6 +284,7 @@ def _encode_and_write(
     cancel: threading.Event,
 ) -> list[ModelResult]:
     import ray
+    from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from rqvae_ray.encode_stage import EncodeBatches
@@ -308,7 +309,7 @@ def _encode_and_write(
             batch_size=options.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            concurrency=(options.min_actors, options.max_actors),
+            compute=ActorPoolStrategy(min_size=options.min_actors, max_size=options.max_actors),
             num_cpus=num_cpus,
             num_gpus=num_gpus or None,
         )

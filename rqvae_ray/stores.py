@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rqvae_ray.model_ids import ModelSpec
+from rqvae_ray.retry import call_with_retries
 
 CHECKPOINT_FILE = "rqvae_best.pt"
 FEATURES_FILE = "RQVAE Dataset/poi_features.pt"
@@ -103,7 +104,9 @@ class HfHub:
         kind = repo_type
         revision = self.revisions[repo_type]
         try:
-            path = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
+            path = Path(
+                call_with_retries(lambda: hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
+            )
         except RepositoryNotFoundError:
             raise ResourceNotFoundError(
                 f"{kind} repo {repo_id} not found on the Hub (or not visible with this token); check the ID"

@@ -126,13 +126,16 @@ def test_pinned_revision_is_used_and_recorded(server, hub_env, demo_hub, demo_ru
     assert proc.returncode == 1 and f"model repo {spec.model_id} has no revision" in proc.stderr
 
 
-def test_transient_upload_errors_are_retried(server, hub_env, tmp_path):
+def test_transient_download_and_upload_errors_are_retried(server, hub_env, tmp_path):
+    server.inject("GET", "rqvae_best.pt", 503, times=2)
     server.inject("POST", "/commit/", 503, times=2)
     server.inject("POST", "/commit/", 429, times=1)
     proc = run_cli(MODELS[0], "--dataset", "nyc", env=hub_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     statuses = [s for m, p, s in server.requests if m == "POST" and "/commit/" in p]
     assert statuses == [503, 503, 429, 200]
+    downloads = [s for m, p, s in server.requests if m == "GET" and p.endswith("rqvae_best.pt")]
+    assert downloads == [503, 503, 200]
     assert len([c for c in server.commits if c["repo_id"] == "comp5331poi/nyc"]) == 1
 
 
