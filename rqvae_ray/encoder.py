@@ -7,7 +7,8 @@ Batch invariance is by construction, not by luck:
   time in effect (dense inputs are turned into that sparse form first, so both input layouts give the same bits);
 * every later layer runs as matrix products over blocks of exactly ``BLOCK_ROWS`` rows (the last block is padded),
   so the BLAS kernel, and therefore its rounding, is the same whatever the batch size;
-* distances to codewords are ``sum((r - c)**2)`` per row, and ties go to the lowest index.
+* distances to codewords are ``sum((r - c)**2)`` per row (one row's sum never depends on other rows), and ties go
+  to the lowest index.
 
 The Vector is the sum of the chosen float32 codewords, accumulated in float32 level by level, as the original
 system's quantizer does: it depends on the codes alone.
@@ -130,7 +131,8 @@ class Encoder:
         residual = latent.copy()
         codes = np.empty((len(latent), len(self._codebooks64)), dtype=np.int32)
         for level, book in enumerate(self._codebooks64):
-            distances = np.square(residual[:, None, :] - book[None, :, :]).sum(axis=2)
+            difference = residual[:, None, :] - book[None, :, :]
+            distances = np.einsum("ijk,ijk->ij", difference, difference)
             chosen = distances.argmin(axis=1)
             codes[:, level] = chosen
             residual -= book[chosen]

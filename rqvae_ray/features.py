@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,7 +239,12 @@ def to_ray_dataset(features: PoiFeatures, block_rows: int):
 
     if features.shards:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        return ray.data.read_parquet(list(features.shards), ray_remote_args={"scheduling_strategy": here})
+        with warnings.catch_warnings():
+            # read_parquet has no named parameter for a scheduling strategy yet; ray_remote_args is the way.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            shards = ray.data.read_parquet(list(features.shards), ray_remote_args={"scheduling_strategy": here})
+        # A shard is one block of ~250k rows; smaller blocks keep every actor's memory small and flat in N.
+        return shards.repartition(target_num_rows_per_block=block_rows)
     rows = features.rows
     tables = []
     for start in range(0, features.num_pois, block_rows):

@@ -112,3 +112,45 @@ def test_bytes_invariant_to_batch_size_and_actor_count(demo_run, demo_hub, local
     assert all(r.ok for r in results), [r.error for r in results]
     for spec in specs:
         assert output_path(tmp_path, spec).read_bytes() == output_path(out, spec).read_bytes()
+
+
+def _parquet_hub(demo_hub, root, dense: bool):
+    """The demo NYC dataset re-laid as Parquet shards (sparse ``indices`` or dense ``features``) plus one model."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rqvae_ray.encoder import SparseRows
+    from rqvae_ray.features import sparse_table
+
+    spec = SPECS[1]
+    shutil.copytree(demo_hub / "models" / spec.org / spec.name, root / "models" / spec.org / spec.name)
+    src, dst = demo_hub / "datasets/comp5331poi/nyc", root / "datasets/comp5331poi/nyc"
+    (dst / "RQVAE Dataset/poi_features").mkdir(parents=True)
+    shutil.copytree(src / "Intermediate Files", dst / "Intermediate Files")
+    shutil.copy(src / "RQVAE Dataset/metadata.json", dst / "RQVAE Dataset/metadata.json")
+    features = features_of(demo_hub, "nyc")
+    for part, (lo, hi) in enumerate([(0, 1000), (1000, 3333), (3333, len(features))]):
+        if dense:
+            flat = pa.array(features[lo:hi].ravel())
+            table = pa.table(
+                {
+                    "Pid": pa.array(np.arange(lo + 1, hi + 1, dtype=np.int64)),
+                    "features": pa.FixedSizeListArray.from_arrays(flat, features.shape[1]),
+                }
+            )
+        else:
+            table = sparse_table(SparseRows.from_dense(features[lo:hi]), first_pid=lo + 1)
+        pq.write_table(table, dst / f"RQVAE Dataset/poi_features/part-{part:05d}.parquet")
+    return spec
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse-indices", "dense-features"])
+def test_parquet_shards_give_the_same_bytes_as_the_pt_file(demo_run, demo_hub, local_ray, tmp_path, dense):
+    out, _ = demo_run
+    spec = _parquet_hub(demo_hub, tmp_path / "hub", dense)
+    options = RunOptions(hub=LocalHub(tmp_path / "hub"), out_dir=str(tmp_path / "out"), batch_size=500)
+    results = run_models([spec], options, progress=lambda _: None)
+    assert results[0].ok, results[0].error
+    assert output_path(tmp_path / "out", spec).read_bytes() == output_path(out, spec).read_bytes()

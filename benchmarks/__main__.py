@@ -1,0 +1,505 @@
+"""``python -m benchmarks w1`` / ``python -m benchmarks w2 --pois N``: ours (the rqvae_ray CLI) against a baseline.
+
+Every system runs as a fresh subprocess (interpreter start, imports and, for ours, Ray start-up included), measured
+by :mod:`benchmarks.measure`: wall time, and the peak of the memory summed over the whole process tree (for ours every
+Ray process: gcs_server, raylet, workers, agents). Each workload ends with a table, the goals, and a code check
+(ours against the baseline, row by row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from benchmarks.compare import CodeComparison, compare_files, output_file
+from benchmarks.measure import Measurement, bench_env, run_measured
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+W2_CSV_GOAL = 80_000
+W2_PARQUET_GOAL = 200_000
+W2_MEMORY_GOAL = 2 * GIB
+FLAT_TOLERANCE = 1.25
+CODE_GOAL = 0.999
+
+app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
+
+
+@dataclass
+class SystemResult:
+    """All runs of one system on one workload configuration."""
+
+    workload: str
+    system: str
+    pois: int
+    models: int
+    sid_rows: int  # POIs x models, summed over datasets
+    runs: list[Measurement] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.returncode == 0 for r in self.runs)
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def min_wall_s(self) -> float:
+        """The fastest run: on a shared machine others' work only ever adds time, so the minimum is the least noisy."""
+        return min(r.wall_s for r in self.runs)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.sid_rows / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def peak_rss(self) -> int:
+        return max(r.peak_rss for r in self.runs)
+
+    @property
+    def peak_pss(self) -> int | None:
+        values = [r.peak_pss for r in self.runs if r.peak_pss is not None]
+        return max(values) if values else None
+
+    @property
+    def peak_processes(self) -> int:
+        return max(r.peak_processes for r in self.runs)
+
+    def summary(self) -> dict:
+        return {
+            "workload": self.workload,
+            "system": self.system,
+            "pois": self.pois,
+            "models": self.models,
+            "sid_rows": self.sid_rows,
+            "ok": self.ok,
+            "wall_s_median": self.wall_s,
+            "wall_s_min": self.min_wall_s,
+            "wall_s_runs": [r.wall_s for r in self.runs],
+            "sid_rows_per_s": self.rows_per_s,
+            "peak_rss_bytes": self.peak_rss,
+            "peak_pss_bytes": self.peak_pss,
+            "peak_processes": self.peak_processes,
+            "returncodes": [r.returncode for r in self.runs],
+            "load_before": [r.load_before for r in self.runs],
+            "load_after": [r.load_after for r in self.runs],
+        }
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages * size / GIB:.0f} GiB RAM"
+    except (ValueError, OSError):
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPUs ({cpu}){memory}, {system}, Python {sys.version.split()[0]}"
+
+
+def product_version() -> str:
+    """The product's git commit, and whether rqvae_ray/ has uncommitted changes (the figures measure the worktree)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rqvae_ray"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    changed = [line for line in dirty if line.strip()]
+    return f"commit {commit}" + (f" + {len(changed)} uncommitted file(s) in rqvae_ray/" if changed else "")
+
+
+def print_table(pairs: list[tuple[SystemResult, SystemResult]]) -> None:
+    """One row per system; the ours row carries ours/baseline ratios measured in the same run."""
+    header = (
+        "workload",
+        "system",
+        "POIs",
+        "models",
+        "runs",
+        "wall s (median)",
+        "wall s (min)",
+        "SID rows/s",
+        "peak RSS GiB",
+        "peak PSS GiB",
+        "procs",
+        "wall ours/base (median)",
+        "RSS ours/base",
+        "PSS ours/base",
+        "status",
+    )
+    rows = []
+    for ours, base in pairs:
+        for result in (ours, base):
+            is_ours = result is ours
+            rows.append(
+                (
+                    result.workload,
+                    result.system,
+                    f"{result.pois:,}",
+                    str(result.models),
+                    str(len(result.runs)),
+                    f"{result.wall_s:.2f}" if result.runs else "-",
+                    f"{result.min_wall_s:.2f}" if result.runs else "-",
+                    f"{result.rows_per_s:,.0f}" if result.runs else "-",
+                    _gib(result.peak_rss) if result.runs else "-",
+                    _gib(result.peak_pss) if result.runs else "-",
+                    str(result.peak_processes) if result.runs else "-",
+                    _ratio(ours.wall_s, base.wall_s) if is_ours and base.runs and ours.runs else "",
+                    _ratio(ours.peak_rss, base.peak_rss) if is_ours and base.runs and ours.runs else "",
+                    _ratio(ours.peak_pss, base.peak_pss) if is_ours and base.runs and ours.runs else "",
+                    "ok" if result.ok else ("not run" if not result.runs else "FAILED"),
+                )
+            )
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        typer.echo("  ".join(cell.rjust(widths[i]) if i >= 2 else cell.ljust(widths[i]) for i, cell in enumerate(row)))
+
+
+def _load_note(measurement: Measurement) -> str:
+    if measurement.load_before is None:
+        return "load average unknown"
+    return f"load avg {measurement.load_before:.1f} -> {measurement.load_after:.1f}"
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _measure(command: list[str], log: Path, verbose: bool) -> Measurement:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    measurement = run_measured(command, env=bench_env(), cwd=REPO, echo=typer.echo if verbose else None)
+    with log.open("w") as handle:
+        handle.write("$ " + " ".join(command) + "\n")
+        for at, line in measurement.lines:
+            handle.write(f"[{at:8.3f}s] {line}\n")
+        handle.write(
+            f"# exit {measurement.returncode}, wall {measurement.wall_s:.3f}s, peak RSS {measurement.peak_rss} B, "
+            f"peak PSS {measurement.peak_pss} B, peak processes {measurement.peak_processes}, "
+            f"1-min load average {measurement.load_before} before, {measurement.load_after} after\n"
+        )
+        handle.write("# processes at the RSS peak (RSS MiB):\n")
+        for label, size in measurement.peak_breakdown:
+            handle.write(f"#   {size / (1 << 20):8.1f}  {label}\n")
+    if measurement.returncode != 0:
+        typer.echo(f"  FAILED (exit {measurement.returncode}); log {log}; last lines:", err=True)
+        typer.echo(measurement.tail(15), err=True)
+    return measurement
+
+
+def _report_codes(comparisons: list[CodeComparison]) -> bool:
+    total = sum(c.rows for c in comparisons)
+    equal = sum(c.equal_rows for c in comparisons)
+    typer.echo("")
+    typer.echo("codes, ours vs baseline (rows with identical [c1, c2, c3]):")
+    for c in comparisons:
+        pid_note = "" if c.pids_equal else "  (Pid columns differ!)"
+        typer.echo(f"  {c.model_id}: {c.equal_rows}/{c.rows} equal, {c.differing} differ{pid_note}")
+    fraction = equal / total if total else 0.0
+    good = total > 0 and fraction >= CODE_GOAL and all(c.pids_equal for c in comparisons)
+    typer.echo(
+        f"  all models: {equal}/{total} equal ({100 * fraction:.4f}%), {total - equal} differ -> "
+        f"{'PASS' if good else 'FAIL'} (goal >= {100 * CODE_GOAL:.1f}%)"
+    )
+    return good
+
+
+def _save(results_dir: Path, name: str, payload: dict) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def prepare_bench_dir(bench_dir: Path) -> Path:
+    """Create the working directory with a ``.gitignore`` of ``*``, so that nothing in it is ever committed."""
+    bench_dir = bench_dir.resolve()
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    ignore = bench_dir / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# benchmark hubs, outputs and results (python -m benchmarks); never commit\n*\n")
+    return bench_dir
+
+
+def _goal(label: str, passed: bool, detail: str) -> None:
+    typer.echo(f"  [{'PASS' if passed else 'FAIL'}] {label}: {detail}")
+
+
+BenchDir = Annotated[Path, typer.Option(help="Working directory for hubs, outputs, logs and results.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Echo each subprocess's output live.")]
+
+
+@app.command()
+def w1(
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per system; the table shows the median wall time.")] = 3,
+    bench_dir: BenchDir = Path(".bench"),
+    check: Annotated[bool, typer.Option(help="Compare the codes of both systems.")] = True,
+    verbose: Verbose = False,
+) -> None:
+    """W1, the original system's scale: the 10 default models on the demo hub; ours vs the original algorithm."""
+    from rqvae_ray.demo import build_demo_hub
+    from rqvae_ray.model_ids import DEFAULT_MODELS
+
+    bench_dir = prepare_bench_dir(bench_dir)
+    hub = bench_dir / "demo_hub"
+    if not hub.is_dir():
+        typer.echo(f"building the demo hub in {hub} ...")
+        build_demo_hub(hub, progress=lambda _: None)
+    meta = {
+        d: json.loads((hub / "datasets/comp5331poi" / d / "RQVAE Dataset/metadata.json").read_text())
+        for d in ("nyc", "tky")
+    }
+    pois = sum(m["num_pois"] for m in meta.values())
+    sid_rows = sum(meta[m.split("/", 1)[1].split("-")[1]]["num_pois"] for m in DEFAULT_MODELS)
+    out_ours, out_base = bench_dir / "w1" / "ours", bench_dir / "w1" / "original"
+    ours = SystemResult("W1", "ours (rqvae_ray CLI)", pois, len(DEFAULT_MODELS), sid_rows)
+    base = SystemResult("W1", "baseline (original replay)", pois, len(DEFAULT_MODELS), sid_rows)
+    typer.echo(f"machine: {machine()}")
+    typer.echo(f"product: {product_version()}")
+    typer.echo(f"W1: {len(DEFAULT_MODELS)} models, {pois:,} POIs ({sid_rows:,} SID rows), {repeat} run(s) each")
+    for run in range(1, repeat + 1):
+        for result, command, log in (
+            (
+                ours,
+                [_python(), "-m", "rqvae_ray.run", "--hub-dir", str(hub), "--out-dir", str(out_ours), "--force"],
+                bench_dir / "w1" / "logs" / f"ours-{run}.log",
+            ),
+            (
+                base,
+                [_python(), "-m", "benchmarks.original", "--hub-dir", str(hub), "--out-dir", str(out_base)],
+                bench_dir / "w1" / "logs" / f"original-{run}.log",
+            ),
+        ):
+            typer.echo(f"  run {run}/{repeat}: {result.system} ...")
+            measurement = _measure(command, log, verbose)
+            result.runs.append(measurement)
+            typer.echo(
+                f"    {measurement.wall_s:.2f}s, peak RSS {_gib(measurement.peak_rss)} GiB, "
+                f"PSS {_gib(measurement.peak_pss)} GiB, exit {measurement.returncode}, {_load_note(measurement)}"
+            )
+    typer.echo("")
+    print_table([(ours, base)])
+    typer.echo("")
+    typer.echo("goals:")
+    _goal(
+        "W1 ours wall <= baseline wall",
+        ours.ok and base.ok and ours.wall_s <= base.wall_s,
+        f"median {ours.wall_s:.2f}s vs {base.wall_s:.2f}s "
+        f"(fastest runs {ours.min_wall_s:.2f}s vs {base.min_wall_s:.2f}s)",
+    )
+    codes_ok = None
+    comparisons = []
+    if check and ours.ok and base.ok:
+        comparisons = [compare_files(m, output_file(out_ours, m), output_file(out_base, m)) for m in DEFAULT_MODELS]
+        codes_ok = _report_codes(comparisons)
+    saved = _save(
+        bench_dir / "results",
+        "w1",
+        {
+            "machine": machine(),
+            "product": product_version(),
+            "sid_rows": sid_rows,
+            "ours": ours.summary(),
+            "baseline": base.summary(),
+            "codes": [asdict(c) for c in comparisons],
+            "codes_ok": codes_ok,
+        },
+    )
+    typer.echo(f"\nresults: {saved}; logs (timestamped output): {bench_dir / 'w1' / 'logs'}")
+    if not (ours.ok and base.ok) or codes_ok is False:
+        raise typer.Exit(1)
+
+
+def _parse_list(text: str, cast) -> list:
+    return [cast(part.strip().replace("_", "")) for part in text.split(",") if part.strip()]
+
+
+@app.command()
+def w2(
+    pois: Annotated[str, typer.Option(help="POI count(s), comma-separated, e.g. 500000,2000000.")] = "500000",
+    formats: Annotated[str, typer.Option("--format", help="Output format(s): csv, parquet or csv,parquet.")] = "csv",
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per system; the table shows the median wall time.")] = 1,
+    dense: Annotated[bool, typer.Option(help="Dense 'features' column input instead of 'indices' (small N).")] = False,
+    row_profile: Annotated[
+        str, typer.Option(help="nyc (real NYC nonzero counts, mean ~15) or max (22 per row).")
+    ] = "nyc",
+    baseline: Annotated[bool, typer.Option(help="Also run the single-process torch baseline.")] = True,
+    check: Annotated[bool, typer.Option(help="Compare the codes of both systems.")] = True,
+    keep_outputs: Annotated[bool, typer.Option(help="Keep the (large) output files.")] = False,
+    extra_args: Annotated[
+        str, typer.Option(help="Extra arguments for the rqvae_ray CLI, e.g. '--batch-size 4096'.")
+    ] = "",
+    bench_dir: BenchDir = Path(".bench"),
+    verbose: Verbose = False,
+) -> None:
+    """W2, scale: N synthetic NYC-shaped POIs in Parquet shards, 5 NYC models; ours vs a careful torch baseline."""
+    from benchmarks.generate import NYC_MODELS, cached_hub
+
+    bench_dir = prepare_bench_dir(bench_dir)
+    counts = _parse_list(pois, int)
+    fmts = _parse_list(formats, str)
+    if not counts or any(n < 1 for n in counts):
+        raise typer.BadParameter("--pois needs positive integers")
+    if any(f not in ("csv", "parquet") for f in fmts):
+        raise typer.BadParameter("--format takes csv and/or parquet")
+    if row_profile not in ("nyc", "max"):
+        raise typer.BadParameter("--row-profile takes nyc or max")
+    if dense and max(counts) > 250_000:
+        raise typer.BadParameter("--dense writes 5.6 KiB per POI; use it with --pois up to 250000")
+    typer.echo(f"machine: {machine()}")
+    typer.echo(f"product: {product_version()}")
+    pairs: list[tuple[SystemResult, SystemResult]] = []
+    comparisons: dict[str, list[CodeComparison]] = {}
+    for n in counts:
+        suffix = ("-dense" if dense else "") + ("-max" if row_profile == "max" else "")
+        hub_dir = bench_dir / f"w2_hub_n{n}{suffix}"
+        started = time.perf_counter()
+        hub = cached_hub(hub_dir, n, dense=dense, profile=row_profile, progress=lambda _: None)
+        stamp = json.loads((hub / "benchmarks-generator.json").read_text())
+        typer.echo(
+            f"W2: hub {hub} ({n:,} POIs, mean {stamp['mean_nonzeros']:.1f} nonzeros/row, ready in "
+            f"{time.perf_counter() - started:.0f}s)"
+        )
+        for fmt in fmts:
+            tag = f"n{n}{suffix}-{fmt}"
+            out_ours, out_base = bench_dir / "w2" / tag / "ours", bench_dir / "w2" / tag / "baseline"
+            sid_rows = n * len(NYC_MODELS)
+            ours = SystemResult(f"W2 {fmt}", "ours (rqvae_ray CLI)", n, len(NYC_MODELS), sid_rows)
+            base = SystemResult(f"W2 {fmt}", "baseline (torch, 1 process)", n, len(NYC_MODELS), sid_rows)
+            for run in range(1, repeat + 1):
+                systems = [
+                    (
+                        ours,
+                        [
+                            _python(),
+                            "-m",
+                            "rqvae_ray.run",
+                            *NYC_MODELS,
+                            "--hub-dir",
+                            str(hub),
+                            "--out-dir",
+                            str(out_ours),
+                            "--force",
+                            "--format",
+                            fmt,
+                            *extra_args.split(),
+                        ],
+                        bench_dir / "w2" / "logs" / f"{tag}-ours-{run}.log",
+                    )
+                ]
+                if baseline:
+                    systems.append(
+                        (
+                            base,
+                            [
+                                _python(),
+                                "-m",
+                                "benchmarks.baseline",
+                                *NYC_MODELS,
+                                "--hub-dir",
+                                str(hub),
+                                "--out-dir",
+                                str(out_base),
+                                "--format",
+                                fmt,
+                            ],
+                            bench_dir / "w2" / "logs" / f"{tag}-baseline-{run}.log",
+                        )
+                    )
+                for result, command, log in systems:
+                    typer.echo(f"  {fmt}, run {run}/{repeat}: {result.system} ...")
+                    measurement = _measure(command, log, verbose)
+                    result.runs.append(measurement)
+                    typer.echo(
+                        f"    {measurement.wall_s:.2f}s ({result.sid_rows / measurement.wall_s:,.0f} SID rows/s), "
+                        f"peak RSS {_gib(measurement.peak_rss)} GiB, PSS {_gib(measurement.peak_pss)} GiB, "
+                        f"exit {measurement.returncode}, {_load_note(measurement)}"
+                    )
+            if check and baseline and ours.ok and base.ok:
+                comparisons[tag] = [
+                    compare_files(m, output_file(out_ours, m, fmt), output_file(out_base, m, fmt)) for m in NYC_MODELS
+                ]
+            if not keep_outputs:
+                shutil.rmtree(bench_dir / "w2" / tag, ignore_errors=True)
+            pairs.append((ours, base))
+    typer.echo("")
+    print_table(pairs)
+    typer.echo("")
+    typer.echo("goals (ours):")
+    for ours, _ in pairs:
+        goal = W2_CSV_GOAL if ours.workload.endswith("csv") else W2_PARQUET_GOAL
+        if ours.ok:
+            _goal(
+                f"{ours.workload} N={ours.pois:,} throughput >= {goal:,} SID rows/s",
+                ours.rows_per_s >= goal,
+                f"{ours.rows_per_s:,.0f}",
+            )
+            _goal(
+                f"{ours.workload} N={ours.pois:,} peak memory of all Ray processes <= 2 GiB",
+                ours.peak_rss <= W2_MEMORY_GOAL,
+                f"RSS sum {_gib(ours.peak_rss)} GiB (PSS sum {_gib(ours.peak_pss)} GiB)",
+            )
+    for fmt in fmts:
+        runs = [o for o, _ in pairs if o.workload == f"W2 {fmt}" and o.ok]
+        if len(runs) > 1:
+            low, high = min(runs, key=lambda r: r.pois), max(runs, key=lambda r: r.pois)
+            growth = high.peak_rss / low.peak_rss
+            _goal(
+                f"W2 {fmt} peak memory flat in N (RSS at N={high.pois:,} <= {FLAT_TOLERANCE}x RSS at N={low.pois:,})",
+                growth <= FLAT_TOLERANCE,
+                f"{_gib(low.peak_rss)} -> {_gib(high.peak_rss)} GiB ({growth:.2f}x); PSS "
+                f"{_gib(low.peak_pss)} -> {_gib(high.peak_pss)} GiB",
+            )
+    codes_ok = True
+    for tag, items in comparisons.items():
+        typer.echo(f"\n[{tag}]")
+        codes_ok = _report_codes(items) and codes_ok
+    saved = _save(
+        bench_dir / "results",
+        "w2",
+        {
+            "machine": machine(),
+            "product": product_version(),
+            "results": [r.summary() for pair in pairs for r in pair if r.runs],
+            "codes": {tag: [asdict(c) for c in items] for tag, items in comparisons.items()},
+        },
+    )
+    typer.echo(f"\nresults: {saved}; logs (timestamped output): {bench_dir / 'w2' / 'logs'}")
+    if not all(o.ok and (b.ok or not baseline) for o, b in pairs) or not codes_ok:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app(prog_name="python -m benchmarks")

@@ -1,0 +1,109 @@
+"""Single-process, single-thread throughput of the pieces of the work, to know the ceiling on this machine.
+
+For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in this process, one thread each:
+
+* product encode: ``rqvae_ray.encoder.Encoder.encode`` (float64, batch-invariant);
+* product CSV formatting: ``rqvae_ray.formatting.csv_lines``; product Arrow columns: ``arrow_columns``;
+* baseline encode: densify + torch float32 encoder and quantizer (``benchmarks.baseline``);
+* Parquet read of the shards (``indices``) and the product's ``rows_from_table``.
+
+Rows/s are model-rows per second per core; multiply by the cores to bound a perfectly parallel system.
+
+Run: ``python -m benchmarks.components --hub-dir .bench/w2_hub_n500000 [--rows 100000] [--batch 1024]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _timed(label: str, rows: int, fn) -> float:
+    started = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - started
+    print(f"  {label:<48} {seconds:8.2f}s  {rows / seconds:>12,.0f} rows/s/core")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.components", description=__doc__.splitlines()[0])
+    parser.add_argument("--hub-dir", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    args = parser.parse_args(argv)
+    # One thread everywhere; BLAS reads these when numpy (imported by pyarrow) loads, so set them before any import.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.baseline import batch_to_dense, csv_bytes, load_model
+    from benchmarks.compare import product_csv_bytes
+    from benchmarks.generate import FEATURES_DIR, NYC_MODELS
+    from rqvae_ray.checkpoint import load_checkpoint_file
+    from rqvae_ray.encoder import Encoder
+    from rqvae_ray.features import rows_from_table
+    from rqvae_ray.formatting import arrow_columns
+
+    model = NYC_MODELS[0]
+    shards = sorted((args.hub_dir / "datasets/comp5331poi/nyc" / FEATURES_DIR).glob("*.parquet"))
+    tables = []
+    have = 0
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=args.batch):
+            tables.append(pa.Table.from_batches([batch]))
+            have += batch.num_rows
+            if have >= args.rows:
+                break
+        if have >= args.rows:
+            break
+    rows = sum(t.num_rows for t in tables)
+    print(f"{rows:,} rows of {args.hub_dir}, batches of {args.batch}, model {model}, 1 thread")
+    checkpoint = args.hub_dir / "models" / model / "rqvae_best.pt"
+    encoder = Encoder(load_checkpoint_file(checkpoint))
+    frozen = load_model(checkpoint)
+    sparse = []
+    _timed("product rows_from_table (Arrow -> CSR)", rows, lambda: sparse.extend(rows_from_table(t) for t in tables))
+    results = []
+    _timed("product encode (float64 Encoder)", rows, lambda: results.extend(encoder.encode(r) for r in sparse))
+    pids = [t.column("Pid").to_numpy() for t in tables]
+    _timed(
+        "product CSV formatting (csv_lines)",
+        rows,
+        lambda: [product_csv_bytes(p, c, v) for p, (c, v) in zip(pids, results, strict=True)],
+    )
+    _timed(
+        "product Arrow columns (arrow_columns)",
+        rows,
+        lambda: [arrow_columns(p, c, v) for p, (c, v) in zip(pids, results, strict=True)],
+    )
+    dense = []
+    _timed(
+        "baseline densify (float32)",
+        rows,
+        lambda: dense.extend(batch_to_dense(t.to_batches()[0], 1407) for t in tables),
+    )
+    base = []
+    _timed(
+        "baseline encode (torch float32, dense)",
+        rows,
+        lambda: base.extend(frozen.encode(torch.from_numpy(d)) for d in dense),
+    )
+    _timed(
+        "baseline CSV formatting (pyarrow)",
+        rows,
+        lambda: [csv_bytes(p, c, v) for p, (c, v) in zip(pids, base, strict=True)],
+    )
+    equal = sum(int((a[0] == b[0]).all(axis=1).sum()) for a, b in zip(results, base, strict=True))
+    print(f"  codes equal product vs baseline: {equal}/{rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
