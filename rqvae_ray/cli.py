@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from rqvae_ray.model_ids import DEFAULT_MODELS, split_model_ids
-from rqvae_ray.pipeline import ModelResult
+from rqvae_ray.pipeline import ModelResult, RayConnectionLost
 from rqvae_ray.runner import SetupError, run_specs
 
 DEMO_HUB = Path("demo_hub")
@@ -145,13 +145,14 @@ def run(
     except SetupError as exc:
         _err(str(exc))
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        _err("interrupted; finished outputs are kept, unfinished ones were not published")
+    except (KeyboardInterrupt, RayConnectionLost) as exc:
+        lost = isinstance(exc, RayConnectionLost)
+        _err(str(exc) if lost else "interrupted; finished outputs are kept, unfinished ones were not published")
         sys.stderr.flush()
         sys.stdout.flush()
         # Exit at once: a normal shutdown would race the dataset threads still inside Ray calls. Ray's local
         # processes and this run's actors end with the driver; staged files are cleaned up by the next run.
-        os._exit(130)
+        os._exit(1 if lost else 130)
     except Exception as exc:
         if debug:
             raise

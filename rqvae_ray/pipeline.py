@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,6 +409,38 @@ def check_out_dir(out_dir: str) -> None:
         ) from None
 
 
+class RayConnectionLost(RuntimeError):
+    """The driver can no longer reach the Ray cluster (its GCS); unfinished outputs were not published."""
+
+
+def _gcs_reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _wait_watching_ray(futures: list[Future], every_s: float = 2.0, misses: int = 3) -> None:
+    """Wait for the dataset threads while checking that Ray's GCS still answers.
+
+    Without this, a lost cluster leaves the driver blocked until Ray's own core worker kills it a minute later with
+    a message of its own; here the run stops with one clear line instead.
+    """
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    missed = 0
+    while wait(futures, timeout=every_s).not_done:
+        missed = 0 if _gcs_reachable(address) else missed + 1
+        if missed >= misses:
+            raise RayConnectionLost(
+                f"lost the connection to the Ray cluster (GCS at {address} does not answer); finished outputs are "
+                "kept, unfinished ones were not published; rerun to complete the rest"
+            )
+
+
 class Cancelled(RuntimeError):
     """The run was interrupted; unfinished outputs were not published."""
 
@@ -439,6 +472,7 @@ def run_models(
             ray_ready.set_exception(exc)
             raise
         ray_ready.set_result(None)
+        _wait_watching_ray(futures)
         by_id = {r.model_id: r for f in futures for r in f.result()}
     except BaseException:
         cancel.set()

@@ -259,3 +259,45 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
     reference, _ = demo_run
     rel = Path("datasets/comp5331poi/tky/LLM Dataset/Intermediate Files") / specs[0].csv_name
     assert (tmp_path / rel).read_bytes() == (reference / rel).read_bytes()
+
+
+def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5]]
+    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "16"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rqvae_ray.run", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "comp5331poi/nyc: 5135 POIs written" in line:
+                break
+        gcs = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
+        assert gcs, "the run's own GCS process was not found"
+        for process in gcs:
+            process.kill()
+        started = time.monotonic()
+        rest, _ = proc.communicate(timeout=120)
+        waited = time.monotonic() - started
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 1, rest[-2000:]
+    errors = [line for line in rest.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lost the connection to the Ray cluster" in errors[0], rest[-2000:]
+    assert waited < 50, "Ray's own 60 s abort came first"
+    _assert_complete(out)
+    reference, _ = demo_run
+    spec = parse_model_id(models[0])
+    rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
+    assert (out / rel).read_bytes() == (reference / rel).read_bytes()
+    assert not [p for p in _visible_files(out) if "tky" in p.parts]
