@@ -148,6 +148,11 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
         num_pois += parquet.metadata.num_rows
     if num_pois == 0:
         raise DatasetError(f"{files.repo}: the Parquet shards hold no rows (0 POIs); nothing to encode")
+    return _validated(files, num_pois, dim, shards=tuple(str(p) for p in files.features))
+
+
+def _validated(files: DatasetFiles, num_pois: int, dim: int, **data) -> PoiFeatures:
+    """Check metadata.json and pid_mapping.csv against the features, then describe the dataset."""
     _check_metadata(files, num_pois, dim)
     check_pid_mapping(files, num_pois)
     return PoiFeatures(
@@ -156,7 +161,7 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
         num_pois=num_pois,
         sha256=_sha256_files(files.features),
         revision=files.revision,
-        shards=tuple(str(p) for p in files.features),
+        **data,
     )
 
 
@@ -169,16 +174,7 @@ def load_features(files: DatasetFiles) -> PoiFeatures:
     if num_pois == 0:
         raise DatasetError(f"{files.repo}: the feature tensor is empty (0 POIs); nothing to encode")
     check_finite(dense, files.repo)
-    _check_metadata(files, num_pois, dim)
-    check_pid_mapping(files, num_pois)
-    return PoiFeatures(
-        repo=files.repo,
-        dim=dim,
-        num_pois=num_pois,
-        sha256=_sha256_files(files.features),
-        revision=files.revision,
-        rows=SparseRows.from_dense(dense),
-    )
+    return _validated(files, num_pois, dim, rows=SparseRows.from_dense(dense))
 
 
 def sparse_table(rows: SparseRows, first_pid: int = 1) -> pa.Table:

@@ -181,12 +181,9 @@ def _assert_complete(out: Path) -> None:
             assert len(rows) == entry["rows"] + 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_hub, demo_run, tmp_path, sig):
-    out = tmp_path / "out"
-    models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5], DEFAULT_MODELS[6]]
-    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "32"]
-    proc = subprocess.Popen(
+def _start_cli(args: list[str]) -> subprocess.Popen:
+    """The CLI in its own process group (so that the test can signal it and its Ray), output merged on stdout."""
+    return subprocess.Popen(
         [sys.executable, "-m", "rqvae_ray.run", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -194,6 +191,14 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
         text=True,
         start_new_session=True,
     )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_hub, demo_run, tmp_path, sig):
+    out = tmp_path / "out"
+    models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5], DEFAULT_MODELS[6]]
+    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "32"]
+    proc = _start_cli(args)
     lines = []
     deadline = time.monotonic() + 300
     for line in proc.stdout:
@@ -267,14 +272,7 @@ def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(dem
     out = tmp_path / "out"
     models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5]]
     args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "16"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rqvae_ray.run", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_cli(args)
     try:
         for line in proc.stdout:
             if "comp5331poi/nyc: 5135 POIs written" in line:
