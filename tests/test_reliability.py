@@ -231,33 +231,48 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
     assert not list(out.rglob(".rqvae_ray-staging/*"))
 
 
+def _descendants_running(root_pid: int, marker: str) -> list:
+    """Live descendants of `root_pid` whose command line contains `marker` (zombies and vanished ones skipped)."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return found
+    for process in children:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and marker in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path):
     import psutil
 
     specs = parse_model_ids([DEFAULT_MODELS[6]])
     options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), batch_size=8)
     killed: list[int] = []
-    written = threading.Event()
-
-    def progress(message: str) -> None:
-        if "POIs written" in message:
-            written.set()
 
     def killer() -> None:
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
             # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
-            for process in psutil.Process().children(recursive=True):
-                if "EncodeBatches" in " ".join(process.cmdline()):
-                    time.sleep(0.5)
+            for process in _descendants_running(os.getpid(), "EncodeBatches"):
+                time.sleep(0.5)
+                try:
                     process.kill()
-                    killed.append(process.pid)
-                    return
+                except psutil.Error:
+                    continue
+                killed.append(process.pid)
+                return
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    results = run_models(specs, options, progress=progress)
+    results = run_models(specs, options)
     thread.join(timeout=5)
     assert killed, "no encoder actor process was found to kill"
     assert results[0].ok, results[0].error
@@ -267,8 +282,6 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
 
 
 def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path):
-    import psutil
-
     out = tmp_path / "out"
     models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5]]
     args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "16"]
@@ -277,7 +290,7 @@ def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(dem
         for line in proc.stdout:
             if "comp5331poi/nyc: 5135 POIs written" in line:
                 break
-        gcs = [p for p in psutil.Process(proc.pid).children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
+        gcs = _descendants_running(proc.pid, "gcs_server")
         assert gcs, "the run's own GCS process was not found"
         for process in gcs:
             process.kill()
