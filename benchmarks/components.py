@@ -3,7 +3,8 @@
 For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in this process, one thread each:
 
 * product encode: ``rqvae_ray.encoder.Encoder.encode`` (float64, batch-invariant);
-* product CSV formatting: ``rqvae_ray.formatting.csv_lines``; product Arrow columns: ``arrow_columns``;
+* product CSV formatting: every row (``csv_parts``) and with the per-SID cache (``SidText``); product Arrow
+  columns: ``arrow_columns``;
 * baseline encode: densify + torch float32 encoder and quantizer (``benchmarks.baseline``);
 * Parquet read of the shards (``indices``) and the product's ``rows_from_table``.
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from rqvae_ray.checkpoint import load_checkpoint_file
     from rqvae_ray.encoder import Encoder
     from rqvae_ray.features import rows_from_table
-    from rqvae_ray.formatting import arrow_columns
+    from rqvae_ray.formatting import SidText, arrow_columns, csv_lines, string_bytes
+    from rqvae_ray.sid_stats import pack_codes
 
     model = NYC_MODELS[0]
     shards = sorted((args.hub_dir / "datasets/comp5331poi/nyc" / FEATURES_DIR).glob("*.parquet"))
@@ -77,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         "product CSV formatting (csv_lines)",
         rows,
         lambda: [product_csv_bytes(p, c, v) for p, (c, v) in zip(pids, results, strict=True)],
+    )
+    text = SidText(encoder.vectors, tokens=False)
+    sizes = encoder.weights.codebook_sizes
+    _timed(
+        "product CSV formatting (SidText cache + csv_lines)",
+        rows,
+        lambda: [
+            string_bytes(csv_lines(text.csv_parts(p, c, pack_codes(c, sizes))))
+            for p, (c, _) in zip(pids, results, strict=True)
+        ],
     )
     _timed(
         "product Arrow columns (arrow_columns)",

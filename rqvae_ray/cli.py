@@ -75,7 +75,7 @@ def run(
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
     dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 4096,
     actors_per_model: Annotated[int | None, typer.Option(min=1, help="Fixed actor-pool size per model.")] = None,
     min_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: fewest actors per model.")] = 1,
     max_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: most actors per model.")] = 1,

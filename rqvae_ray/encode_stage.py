@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from rqvae_ray.encoder import Encoder, make_encoder
 from rqvae_ray.features import rows_from_table
-from rqvae_ray.formatting import arrow_columns, csv_lines, csv_parts, sid_tokens
+from rqvae_ray.formatting import SidText, arrow_columns, csv_lines, sid_tokens
 from rqvae_ray.sid_stats import pack_codes
 
 INPUT_COLUMNS = ("indices", "values", "features")
@@ -28,14 +28,16 @@ class EncodeBatches:
         self.drop_inputs = drop_inputs
         self.dedup = dedup
         self.tokens = tokens
+        self.text = SidText(self.encoder.vectors, tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         codes, vectors = self.encoder.encode(rows_from_table(batch))
         pids = batch.column("Pid").to_numpy()
         sizes = self.encoder.weights.codebook_sizes
-        batch = batch.append_column(f"{self.column}.sid", pa.array(pack_codes(codes, sizes)))
+        packed = pack_codes(codes, sizes)
+        batch = batch.append_column(f"{self.column}.sid", pa.array(packed))
         if self.fmt == "csv":
-            parts = csv_parts(pids, codes, vectors, self.tokens)
+            parts = self.text.csv_parts(pids, codes, packed)
             if self.dedup:  # the writer adds the dedup codes once every SID is counted
                 columns = parts
             else:

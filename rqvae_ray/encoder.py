@@ -7,8 +7,11 @@ Batch invariance is by construction, not by luck:
   time in effect (dense inputs are turned into that sparse form first, so both input layouts give the same bits);
 * every later layer runs as matrix products over blocks of exactly ``BLOCK_ROWS`` rows (the last block is padded),
   so the BLAS kernel, and therefore its rounding, is the same whatever the batch size;
-* distances to codewords are ``sum((r - c)**2)`` per row (one row's sum never depends on other rows), and ties go
-  to the lowest index.
+* the nearest codeword is the argmin of ``sum((r - c)**2)`` per row (one row's sum never depends on other rows),
+  ties to the lowest index. On the CPU a matrix product (``|c|**2 - 2 r.c``, whose rounding may depend on the batch)
+  only shortlists: every codeword within a margin far above its rounding error of the best is a candidate, and a
+  row with more than one candidate is decided by the exact sums. The true nearest codeword is always on the
+  shortlist, so the answer is the exact one whatever the batch.
 
 The Vector is the sum of the chosen float32 codewords, accumulated in float32 level by level, as the original
 system's quantizer does: it depends on the codes alone.
@@ -25,6 +28,9 @@ import numpy as np
 from rqvae_ray.checkpoint import ModelWeights
 
 BLOCK_ROWS = 256
+# The shortlist margin, relative to |r|**2 + max |c|**2: about 1e6 times the rounding error of a 64-term float64
+# dot product, and still far below any distance gap that matters.
+SHORTLIST_MARGIN = 1e-10
 
 
 @dataclass(frozen=True)
@@ -74,26 +80,31 @@ class Encoder:
         self.weights = weights
         first = weights.layers[0]
         # Column -1 (the padding of SparseRows.padded) reads this appended zero column.
-        self._first_columns = np.vstack([first.weight.T, np.zeros((1, first.weight.shape[0]))])
+        # C order: gathering rows of a column-major array is two orders of magnitude slower.
+        self._first_columns = np.ascontiguousarray(np.vstack([first.weight.T, np.zeros((1, first.weight.shape[0]))]))
         self._first_bias = first.bias
+        self._terms = np.empty(0, dtype=np.float64)
         self._codebooks64 = [book.astype(np.float64) for book in weights.codebooks]
+        self._codeword_norms = [np.einsum("ij,ij->i", book, book) for book in self._codebooks64]
 
     def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
+        self._check_columns(rows)
+        n = rows.num_rows
+        codes = np.empty((n, len(self.weights.codebooks)), dtype=np.int32)
+        cols, vals = rows.padded()
+        for start in range(0, n, BLOCK_ROWS):
+            block = slice(start, start + BLOCK_ROWS)
+            hidden = self._first_layer(cols[block], None if vals is None else vals[block])
+            codes[block] = self._quantize(self._dense_layers(hidden))
+        return codes, self.vectors(codes)
+
+    def _check_columns(self, rows: SparseRows) -> None:
         if len(rows.indices) and (rows.indices.min() < 0 or rows.indices.max() >= self.weights.input_dim):
             raise InputDimensionError(
                 f"feature column {int(rows.indices.max())} is outside the model's input dimension "
                 f"{self.weights.input_dim}"
             )
-        n = rows.num_rows
-        levels = len(self.weights.codebooks)
-        codes = np.empty((n, levels), dtype=np.int32)
-        if n == 0:
-            return codes, np.empty((0, self.weights.latent_dim), dtype=np.float32)
-        hidden = self._first_layer(rows)
-        for start in range(0, n, BLOCK_ROWS):
-            codes[start : start + BLOCK_ROWS] = self._quantize(self._dense_layers(hidden[start : start + BLOCK_ROWS]))
-        return codes, self.vectors(codes)
 
     def vectors(self, codes: np.ndarray) -> np.ndarray:
         """Sum of the chosen float32 codewords, accumulated in float32 from level 0 up."""
@@ -102,14 +113,19 @@ class Encoder:
             vectors += book[codes[:, level]]
         return vectors
 
-    def _first_layer(self, rows: SparseRows) -> np.ndarray:
-        cols, vals = rows.padded()
-        hidden = np.zeros((rows.num_rows, self._first_columns.shape[1]), dtype=np.float64)
-        for slot in range(cols.shape[1]):
-            term = self._first_columns[cols[:, slot]]
-            if vals is not None:
-                term *= vals[:, slot, None]
-            hidden += term
+    def _first_layer(self, cols: np.ndarray, vals: np.ndarray | None) -> np.ndarray:
+        slots, rows, width = cols.shape[1], len(cols), self._first_columns.shape[1]
+        if len(self._terms) < slots * rows * width:
+            self._terms = np.empty(slots * BLOCK_ROWS * width, dtype=np.float64)
+        # [slots, rows, width], contiguous (np.take would copy a strided `out`) in a buffer reused across blocks.
+        terms = self._terms[: slots * rows * width].reshape(slots, rows, width)
+        # mode="wrap" reads padding (column -1) from the appended zero row, and unlike mode="raise" writes `out`
+        # directly rather than through a temporary.
+        np.take(self._first_columns, cols.T, axis=0, out=terms, mode="wrap")
+        if vals is not None:
+            terms *= vals.T[:, :, None]
+        # A sum over the outer axis adds slot after slot for every element: ascending column order in each row.
+        hidden = np.sum(terms, axis=0)
         hidden += self._first_bias
         return hidden
 
@@ -130,10 +146,15 @@ class Encoder:
     def _quantize(self, latent: np.ndarray) -> np.ndarray:
         residual = latent.copy()
         codes = np.empty((len(latent), len(self._codebooks64)), dtype=np.int32)
-        for level, book in enumerate(self._codebooks64):
-            difference = residual[:, None, :] - book[None, :, :]
-            distances = np.einsum("ijk,ijk->ij", difference, difference)
-            chosen = distances.argmin(axis=1)
+        for level, (book, norms) in enumerate(zip(self._codebooks64, self._codeword_norms, strict=True)):
+            approx = norms[None, :] - 2.0 * (residual @ book.T)
+            chosen = approx.argmin(axis=1)
+            margin = SHORTLIST_MARGIN * (np.einsum("ij,ij->i", residual, residual) + norms.max())
+            shortlist = approx <= (approx.min(axis=1) + margin)[:, None]
+            undecided = np.count_nonzero(shortlist, axis=1) > 1
+            if undecided.any():
+                difference = residual[undecided][:, None, :] - book[None, :, :]
+                chosen[undecided] = np.einsum("ijk,ijk->ij", difference, difference).argmin(axis=1)
             codes[:, level] = chosen
             residual -= book[chosen]
         return codes
@@ -154,7 +175,19 @@ class TorchEncoder(Encoder):
         self._t_layers = [(as_tensor(layer.weight.T), as_tensor(layer.bias), layer.relu) for layer in weights.layers]
         self._t_codebooks = [as_tensor(book) for book in self._codebooks64]
 
-    def _first_layer(self, rows: SparseRows) -> np.ndarray:
+    def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
+        self._check_columns(rows)
+        n = rows.num_rows
+        codes = np.empty((n, len(self.weights.codebooks)), dtype=np.int32)
+        if n:
+            hidden = self._device_first_layer(rows)
+            for start in range(0, n, BLOCK_ROWS):
+                block = slice(start, start + BLOCK_ROWS)
+                codes[block] = self._quantize(self._dense_layers(hidden[block]))
+        return codes, self.vectors(codes)
+
+    def _device_first_layer(self, rows: SparseRows):
         torch = self._torch
         cols, vals = rows.padded()
         t_cols = torch.from_numpy(cols).to(self.device)

@@ -7,6 +7,8 @@ cast), and negative zero keeps its sign as ``-0.0``. Both list columns load with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,6 +54,55 @@ def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: 
     if tokens:
         parts["tokens"] = pc.binary_join_element_wise(",", sid_tokens(codes), "")
     return parts
+
+
+class SidText:
+    """The text of the parts of a CSV line that depend on the SID alone, formatted once per distinct SID.
+
+    A POI's Codebook, Vector (the sum of its codewords) and SID tokens are functions of its codes, and far fewer
+    SIDs exist than POIs (at most 32**3 for NYC), so each distinct SID is formatted once and later batches only look
+    it up. The result is byte-identical to :func:`csv_parts`. Memory is bounded: the cache starts afresh whenever it
+    would pass ``max_entries`` SIDs.
+    """
+
+    def __init__(self, vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool, max_entries: int = 1 << 16):
+        self._vectors_of = vectors_of
+        self.tokens = tokens
+        self.max_entries = max_entries
+        # packed SID -> (codes text, tail[, tokens]); a dict keeps learning a few new SIDs per batch cheap.
+        self._text: dict[int, tuple[str, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
+        """The same pieces as :func:`csv_parts`; ``packed`` is one int64 per row that identifies its SID."""
+        self._learn(codes, packed)
+        names = ("codes", "tail", "tokens") if self.tokens else ("codes", "tail")
+        entries = [self._text[key] for key in packed.tolist()]
+        text = {name: pa.array([entry[i] for entry in entries], type=pa.string()) for i, name in enumerate(names)}
+        parts = {"head": pc.binary_join_element_wise(_ints(pids), ',"[', text["codes"], ""), "tail": text["tail"]}
+        if self.tokens:
+            parts["tokens"] = text["tokens"]
+        return parts
+
+    def _learn(self, codes: np.ndarray, packed: np.ndarray) -> None:
+        unique, first = np.unique(packed, return_index=True)
+        new = [i for i, key in enumerate(unique.tolist()) if key not in self._text]
+        if not new:
+            return
+        if len(self._text) + len(new) > self.max_entries:
+            self._text.clear()
+            new = list(range(len(unique)))
+        fresh = codes[first[new]]
+        columns = [
+            _joined_lists(_ints(fresh), fresh.shape[1]),
+            csv_parts(np.zeros(len(fresh), dtype=np.int64), fresh, self._vectors_of(fresh), False)["tail"],
+        ]
+        if self.tokens:
+            columns.append(pc.binary_join_element_wise(",", sid_tokens(fresh), ""))
+        rows = zip(*(column.to_pylist() for column in columns), strict=True)
+        self._text.update(zip(unique[new].tolist(), rows, strict=True))
 
 
 def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:

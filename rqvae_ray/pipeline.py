@@ -44,7 +44,7 @@ class RunOptions:
     upload: bool = False
     base_folder: str = "LLM Dataset"
     fmt: str = "csv"
-    batch_size: int = 1024
+    batch_size: int = 4096
     min_actors: int = 1
     max_actors: int = 1
     cpus_per_actor: float | None = None

@@ -79,3 +79,47 @@ def test_column_outside_input_dimension(demo_hub):
     rows = SparseRows(np.array([0, 1]), np.array([encoder.weights.input_dim]), None)
     with pytest.raises(ValueError, match="outside the model's input dimension"):
         encoder.encode(rows)
+
+
+def test_ties_and_near_ties_go_to_the_exact_nearest_codeword():
+    """Rows far out on (or just off) the bisector of two codewords, where the matrix-product distances cannot tell
+    them apart, get the codeword with the smallest exact squared distance, the lower index on an exact tie,
+    whatever the batch."""
+    from rqvae_ray.checkpoint import Layer, ModelWeights
+
+    rng = np.random.default_rng(3)
+    dim = 4
+    first = rng.standard_normal((6, dim)).astype(np.float32)
+    second = rng.standard_normal((5, dim)).astype(np.float32)
+    identity = Layer(np.eye(dim), np.zeros(dim), relu=False)
+    weights = ModelWeights((identity,), (first, second), "published", "")
+    a, b = first[0].astype(np.float64), first[3].astype(np.float64)
+    normal = (b - a) / np.linalg.norm(b - a)
+    along = rng.standard_normal((300, dim))
+    along -= np.outer(along @ normal, normal)  # directions within the bisecting plane
+    offsets = rng.choice([0.0, 1.0, -1.0], 300) * np.geomspace(1e-12, 1e-3, 300)
+    latent = (a + b) / 2 + along * 1e5 + offsets[:, None] * normal
+    latent[:2] = (a + b) / 2  # exactly on the bisector and close to both
+    rows = SparseRows(
+        np.arange(0, latent.size + 1, dim, dtype=np.int64), np.tile(np.arange(dim), len(latent)), latent.ravel()
+    )
+
+    def exact(points: np.ndarray) -> np.ndarray:
+        codes = []
+        for point in points:
+            residual, row = point.copy(), []
+            for book in (first, second):
+                distances = [np.einsum("i,i->", residual - c, residual - c) for c in book.astype(np.float64)]
+                row.append(int(np.argmin(distances)))
+                residual -= book[row[-1]].astype(np.float64)
+            codes.append(row)
+        return np.array(codes)
+
+    want = exact(latent)
+    assert want[0, 0] == 0  # an exact tie: the lower index
+    assert {0, 3} <= set(want[:, 0].tolist())
+    codes, _ = Encoder(weights).encode(rows)
+    np.testing.assert_array_equal(codes, want)
+    for i in range(0, len(latent), 7):
+        one = SparseRows(np.array([0, dim]), np.arange(dim), latent[i])
+        np.testing.assert_array_equal(Encoder(weights).encode(one)[0][0], want[i])
