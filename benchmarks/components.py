@@ -10,7 +10,7 @@ For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in
 
 Rows/s are model-rows per second per core; multiply by the cores to bound a perfectly parallel system.
 
-Run: ``python -m benchmarks.components --hub-dir .bench/w2_hub_n500000 [--rows 100000] [--batch 1024]``.
+Run: ``python -m benchmarks.components --hub-dir .bench/w2_hub_n500000 [--rows 100000] [--batch 4096]``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.components", description=__doc__.splitlines()[0])
     parser.add_argument("--hub-dir", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4096)
     args = parser.parse_args(argv)
     # One thread everywhere; BLAS reads these when numpy (imported by pyarrow) loads, so set them before any import.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
