@@ -198,6 +198,18 @@ def _python() -> str:
     return sys.executable
 
 
+def _run_system(result: SystemResult, label: str, command: list[str], log: Path, verbose: bool) -> None:
+    """One measured run of one system: announce it, measure it, record it on ``result`` and print its figures."""
+    typer.echo(f"  {label}: {result.system} ...")
+    measurement = _measure(command, log, verbose)
+    result.runs.append(measurement)
+    typer.echo(
+        f"    {measurement.wall_s:.2f}s ({result.sid_rows / measurement.wall_s:,.0f} SID rows/s), "
+        f"peak RSS {_gib(measurement.peak_rss)} GiB, PSS {_gib(measurement.peak_pss)} GiB, "
+        f"exit {measurement.returncode}, {_load_note(measurement)}"
+    )
+
+
 def _measure(command: list[str], log: Path, verbose: bool) -> Measurement:
     log.parent.mkdir(parents=True, exist_ok=True)
     measurement = run_measured(command, env=bench_env(), cwd=REPO, echo=typer.echo if verbose else None)
@@ -302,13 +314,7 @@ def w1(
                 bench_dir / "w1" / "logs" / f"original-{run}.log",
             ),
         ):
-            typer.echo(f"  run {run}/{repeat}: {result.system} ...")
-            measurement = _measure(command, log, verbose)
-            result.runs.append(measurement)
-            typer.echo(
-                f"    {measurement.wall_s:.2f}s, peak RSS {_gib(measurement.peak_rss)} GiB, "
-                f"PSS {_gib(measurement.peak_pss)} GiB, exit {measurement.returncode}, {_load_note(measurement)}"
-            )
+            _run_system(result, f"run {run}/{repeat}", command, log, verbose)
     typer.echo("")
     print_table([(ours, base)])
     typer.echo("")
@@ -439,14 +445,7 @@ def w2(
                         )
                     )
                 for result, command, log in systems:
-                    typer.echo(f"  {fmt}, run {run}/{repeat}: {result.system} ...")
-                    measurement = _measure(command, log, verbose)
-                    result.runs.append(measurement)
-                    typer.echo(
-                        f"    {measurement.wall_s:.2f}s ({result.sid_rows / measurement.wall_s:,.0f} SID rows/s), "
-                        f"peak RSS {_gib(measurement.peak_rss)} GiB, PSS {_gib(measurement.peak_pss)} GiB, "
-                        f"exit {measurement.returncode}, {_load_note(measurement)}"
-                    )
+                    _run_system(result, f"{fmt}, run {run}/{repeat}", command, log, verbose)
             if check and baseline and ours.ok and base.ok:
                 comparisons[tag] = [
                     compare_files(m, output_file(out_ours, m, fmt), output_file(out_base, m, fmt)) for m in NYC_MODELS

@@ -48,12 +48,26 @@ def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: 
     ``head`` is ``Pid,"[c1, c2, c3``, ``tail`` is ``]","[v1, ..., vd]"`` and ``tokens`` (when asked) is
     ``,<a_..><b_..><c_..>``; a line is ``head + tail + tokens + newline``.
     """
-    head = pc.binary_join_element_wise(_ints(pids), ',"[', _joined_lists(_ints(codes), codes.shape[1]), "")
-    tail = pc.binary_join_element_wise(']","[', _joined_lists(float_strings(vectors), vectors.shape[1]), ']"', "")
-    parts = {"head": head, "tail": tail}
+    parts = {"head": _head(pids, _codes_text(codes)), "tail": _tail(vectors)}
     if tokens:
-        parts["tokens"] = pc.binary_join_element_wise(",", sid_tokens(codes), "")
+        parts["tokens"] = _tokens_field(codes)
     return parts
+
+
+def _codes_text(codes: np.ndarray) -> pa.Array:
+    return _joined_lists(_ints(codes), codes.shape[1])
+
+
+def _head(pids: np.ndarray, codes_text: pa.Array) -> pa.Array:
+    return pc.binary_join_element_wise(_ints(pids), ',"[', codes_text, "")
+
+
+def _tail(vectors: np.ndarray) -> pa.Array:
+    return pc.binary_join_element_wise(']","[', _joined_lists(float_strings(vectors), vectors.shape[1]), ']"', "")
+
+
+def _tokens_field(codes: np.ndarray) -> pa.Array:
+    return pc.binary_join_element_wise(",", sid_tokens(codes), "")
 
 
 class SidText:
@@ -81,7 +95,7 @@ class SidText:
         names = ("codes", "tail", "tokens") if self.tokens else ("codes", "tail")
         entries = [self._text[key] for key in packed.tolist()]
         text = {name: pa.array([entry[i] for entry in entries], type=pa.string()) for i, name in enumerate(names)}
-        parts = {"head": pc.binary_join_element_wise(_ints(pids), ',"[', text["codes"], ""), "tail": text["tail"]}
+        parts = {"head": _head(pids, text["codes"]), "tail": text["tail"]}
         if self.tokens:
             parts["tokens"] = text["tokens"]
         return parts
@@ -95,12 +109,9 @@ class SidText:
             self._text.clear()
             new = list(range(len(unique)))
         fresh = codes[first[new]]
-        columns = [
-            _joined_lists(_ints(fresh), fresh.shape[1]),
-            csv_parts(np.zeros(len(fresh), dtype=np.int64), fresh, self._vectors_of(fresh), False)["tail"],
-        ]
+        columns = [_codes_text(fresh), _tail(self._vectors_of(fresh))]
         if self.tokens:
-            columns.append(pc.binary_join_element_wise(",", sid_tokens(fresh), ""))
+            columns.append(_tokens_field(fresh))
         rows = zip(*(column.to_pylist() for column in columns), strict=True)
         self._text.update(zip(unique[new].tolist(), rows, strict=True))
 
