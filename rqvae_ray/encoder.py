@@ -55,9 +55,10 @@ class SparseRows:
         return cls(indptr, cols.astype(np.int64), None if bool((values == 1).all()) else values)
 
     def padded(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """``[n, width]`` column indices (padding points at column -1) and values (padding 0)."""
+        """``[n, width]`` column indices (padding points at column -1) and values (padding 0); ``width >= 1``."""
         counts = np.diff(self.indptr)
-        width = int(counts.max()) if len(counts) else 0
+        # At least one slot, so that rows without features still read one (zero) column.
+        width = max(1, int(counts.max()) if len(counts) else 0)
         slots = np.arange(width)
         mask = slots[None, :] < counts[:, None]
         cols = np.full((self.num_rows, width), -1, dtype=np.int64)
@@ -83,20 +84,23 @@ class Encoder:
         # C order: gathering rows of a column-major array is two orders of magnitude slower.
         self._first_columns = np.ascontiguousarray(np.vstack([first.weight.T, np.zeros((1, first.weight.shape[0]))]))
         self._first_bias = first.bias
-        self._terms = np.empty(0, dtype=np.float64)
+        # One gathered term per row of a block, reused: small enough to stay in cache (np.take would copy into a
+        # strided `out`, so it is a contiguous buffer of its own).
+        self._term = np.empty((BLOCK_ROWS, first.weight.shape[0]), dtype=np.float64)
         self._codebooks64 = [book.astype(np.float64) for book in weights.codebooks]
         self._codeword_norms = [np.einsum("ij,ij->i", book, book) for book in self._codebooks64]
 
     def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
         self._check_columns(rows)
-        n = rows.num_rows
-        codes = np.empty((n, len(self.weights.codebooks)), dtype=np.int32)
         cols, vals = rows.padded()
-        for start in range(0, n, BLOCK_ROWS):
+        latent = np.empty((rows.num_rows, self.weights.latent_dim), dtype=np.float64)
+        for start in range(0, rows.num_rows, BLOCK_ROWS):
             block = slice(start, start + BLOCK_ROWS)
             hidden = self._first_layer(cols[block], None if vals is None else vals[block])
-            codes[block] = self._quantize(self._dense_layers(hidden))
+            latent[block] = self._dense_layers(hidden)
+        # The quantizer decides each row on its own (see the module docstring), so it takes the whole batch at once.
+        codes = self._quantize(latent)
         return codes, self.vectors(codes)
 
     def _check_columns(self, rows: SparseRows) -> None:
@@ -114,18 +118,19 @@ class Encoder:
         return vectors
 
     def _first_layer(self, cols: np.ndarray, vals: np.ndarray | None) -> np.ndarray:
-        slots, rows, width = cols.shape[1], len(cols), self._first_columns.shape[1]
-        if len(self._terms) < slots * rows * width:
-            self._terms = np.empty(slots * BLOCK_ROWS * width, dtype=np.float64)
-        # [slots, rows, width], contiguous (np.take would copy a strided `out`) in a buffer reused across blocks.
-        terms = self._terms[: slots * rows * width].reshape(slots, rows, width)
+        slot_cols = np.ascontiguousarray(cols.T)  # [slots, rows]: each gather reads contiguous indices
         # mode="wrap" reads padding (column -1) from the appended zero row, and unlike mode="raise" writes `out`
         # directly rather than through a temporary.
-        np.take(self._first_columns, cols.T, axis=0, out=terms, mode="wrap")
+        hidden = np.take(self._first_columns, slot_cols[0], axis=0, mode="wrap")
         if vals is not None:
-            terms *= vals.T[:, :, None]
-        # A sum over the outer axis adds slot after slot for every element: ascending column order in each row.
-        hidden = np.sum(terms, axis=0)
+            hidden *= vals[:, 0, None]
+        # Slot after slot, so that each row's terms are added in ascending column order.
+        term = self._term[: len(cols)]
+        for slot in range(1, len(slot_cols)):
+            np.take(self._first_columns, slot_cols[slot], axis=0, out=term, mode="wrap")
+            if vals is not None:
+                term *= vals[:, slot, None]
+            hidden += term
         hidden += self._first_bias
         return hidden
 

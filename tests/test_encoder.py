@@ -54,6 +54,24 @@ def test_dense_values_and_table_round_trip(demo_hub):
     np.testing.assert_array_equal(back.indices, multi_hot.indices)
 
 
+def test_rows_without_features(demo_hub):
+    """A POI with no nonzero feature (alone or among others) still gets the reference SID."""
+    features, path = _load(demo_hub, "nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    mixed = features[:20].copy()
+    mixed[[0, 7, 19]] = 0.0
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    ref_codes, ref_vectors = reference_sids(state, mixed)
+    encoder = Encoder(load_checkpoint_file(path))
+    for rows in (mixed, mixed[[7]], mixed[[0, 19]]):
+        codes, vectors = encoder.encode(SparseRows.from_dense(rows))
+        expected = reference_sids(state, rows)
+        np.testing.assert_array_equal(codes, expected[0])
+        np.testing.assert_array_equal(vectors, expected[1])
+    codes, vectors = encoder.encode(SparseRows.from_dense(mixed))
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(vectors, ref_vectors)
+
+
 def test_torch_path_matches_numpy_path(demo_hub):
     """The CUDA actor's code path, run on the CPU device, gives the same SIDs."""
     features, path = _load(demo_hub, "tky", "rqvae-tky-div0.0-commit0.25-lr5e-5")
