@@ -367,6 +367,9 @@ def w2(
     extra_args: Annotated[
         str, typer.Option(help="Extra arguments for the rqvae_ray CLI, e.g. '--batch-size 4096'.")
     ] = "",
+    baseline_args: Annotated[
+        str, typer.Option(help="Extra arguments for the baseline, e.g. '--device cuda' on a GPU machine.")
+    ] = "",
     bench_dir: BenchDir = Path(".bench"),
     verbose: Verbose = False,
 ) -> None:
@@ -440,6 +443,7 @@ def w2(
                                 str(out_base),
                                 "--format",
                                 fmt,
+                                *baseline_args.split(),
                             ],
                             bench_dir / "w2" / "logs" / f"{tag}-baseline-{run}.log",
                         )

@@ -3,9 +3,10 @@
 Per record batch (pyarrow): densify the multi-hot rows to float32, run every model's encoder (torch ``nn.Sequential``
 of Linear/BatchNorm1d/ReLU/Dropout blocks + projection, float32, eval mode, no grad) and residual quantizer (nearest
 codeword by ``||r||² - 2 r·c + ||c||²``), then format with pyarrow compute (float32 to string cast, list join) and
-append to one CSV (or Parquet) file per model. ``torch.set_num_threads`` defaults to the machine's cores.
+append to one CSV (or Parquet) file per model. ``torch.set_num_threads`` defaults to the machine's cores; ``--device
+cuda`` runs the encoders on a GPU.
 
-Run: ``python -m benchmarks.baseline --hub-dir H --out-dir O [--format csv|parquet] [MODEL_ID ...]``
+Run: ``python -m benchmarks.baseline --hub-dir H --out-dir O [--format csv|parquet] [--device cuda] [MODEL_ID ...]``
 (default: the 5 NYC models of ``benchmarks.generate``).
 """
 
@@ -35,7 +36,8 @@ CSV_HEADER = b"Pid,Codebook,Vector\n"
 class FrozenModel:
     """Encoder + residual quantizer of one checkpoint, float32, eval mode."""
 
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        self.device = torch.device(device)
         blocks: list[nn.Module] = []
         index = 0
         while f"encoder.layers.{index}.weight" in state:
@@ -53,20 +55,21 @@ class FrozenModel:
             index += 4
         proj = nn.Linear(state["encoder.proj.weight"].shape[1], state["encoder.proj.weight"].shape[0])
         proj.load_state_dict({"weight": state["encoder.proj.weight"], "bias": state["encoder.proj.bias"]})
-        self.encoder = nn.Sequential(*blocks, proj).float().eval()
+        self.encoder = nn.Sequential(*blocks, proj).float().eval().to(self.device)
         self.codebooks = []
         level = 0
         while f"quantizer.quantizers.{level}.vectors.weight" in state:
-            self.codebooks.append(state[f"quantizer.quantizers.{level}.vectors.weight"].float().contiguous())
+            book = state[f"quantizer.quantizers.{level}.vectors.weight"].float().contiguous()
+            self.codebooks.append(book.to(self.device))
             level += 1
         self.norms = [(book * book).sum(1) for book in self.codebooks]
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """codes int32 [n, levels], vectors float32 [n, latent]."""
-        residual = self.encoder(x)
+        residual = self.encoder(x.to(self.device, non_blocking=True))
         vectors = torch.zeros_like(residual)
-        codes = torch.empty((len(x), len(self.codebooks)), dtype=torch.int64)
+        codes = torch.empty((len(x), len(self.codebooks)), dtype=torch.int64, device=self.device)
         for level, (book, norm) in enumerate(zip(self.codebooks, self.norms, strict=True)):
             distances = (residual * residual).sum(1, keepdim=True) - 2 * residual @ book.T + norm
             chosen = distances.argmin(dim=1)
@@ -74,12 +77,12 @@ class FrozenModel:
             picked = book[chosen]
             vectors += picked
             residual = residual - picked
-        return codes.numpy().astype(np.int32), vectors.numpy()
+        return codes.cpu().numpy().astype(np.int32), vectors.cpu().numpy()
 
 
-def load_model(path: Path) -> FrozenModel:
+def load_model(path: Path, device: str = "cpu") -> FrozenModel:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return FrozenModel(checkpoint["model_state_dict"])
+    return FrozenModel(checkpoint["model_state_dict"], device)
 
 
 def batch_to_dense(batch: pa.RecordBatch, dim: int) -> np.ndarray:
@@ -137,6 +140,7 @@ def run(
     fmt: str = "csv",
     batch_rows: int = BATCH_ROWS,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> list[Path]:
     """Encode every POI of the models' dataset with every model; returns the output paths."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -145,8 +149,10 @@ def run(
     if len(datasets) != 1 or len(orgs) != 1:
         raise ValueError("the baseline runs models of one dataset at a time")
     org, dataset = orgs.pop(), datasets.pop()
-    models = [load_model(hub_dir / "models" / org / m.split("/", 1)[1] / "rqvae_best.pt") for m in model_ids]
+    models = [load_model(hub_dir / "models" / org / m.split("/", 1)[1] / "rqvae_best.pt", device) for m in model_ids]
     dim = models[0].encoder[0].in_features
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"baseline: torch {torch.__version__} on {device_name}, {torch.get_num_threads()} threads", flush=True)
     shards = sorted((hub_dir / "datasets" / org / dataset / FEATURES_DIR).glob("*.parquet"))
     if not shards:
         raise FileNotFoundError(f"no Parquet shards under {hub_dir / 'datasets' / org / dataset / FEATURES_DIR}")
@@ -190,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
     parser.add_argument("--batch-rows", type=int, default=BATCH_ROWS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoders, e.g. cuda")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    paths = run(args.hub_dir, args.out_dir, args.model_ids, args.format, args.batch_rows, args.threads)
+    paths = run(args.hub_dir, args.out_dir, args.model_ids, args.format, args.batch_rows, args.threads, args.device)
     print(f"baseline: {len(paths)} files in {time.perf_counter() - started:.1f}s", flush=True)
     for path in paths:
         print(f"  {path}", flush=True)

@@ -83,37 +83,50 @@ class SidText:
         self._vectors_of = vectors_of
         self.tokens = tokens
         self.max_entries = max_entries
-        # packed SID -> (codes text, tail[, tokens]); a dict keeps learning a few new SIDs per batch cheap.
-        self._text: dict[int, tuple[str, ...]] = {}
+        # Known packed SIDs in ascending order, and the row of each in the text columns. Lookups are a vectorized
+        # search and an Arrow take, so the per-row cost stays out of Python.
+        self._keys = np.empty(0, dtype=np.int64)
+        self._rows = np.empty(0, dtype=np.int64)
+        self._columns: list[pa.Array] = []
 
     def __len__(self) -> int:
-        return len(self._text)
+        return len(self._keys)
 
     def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
         """The same pieces as :func:`csv_parts`; ``packed`` is one int64 per row that identifies its SID."""
         self._learn(codes, packed)
-        names = ("codes", "tail", "tokens") if self.tokens else ("codes", "tail")
-        entries = [self._text[key] for key in packed.tolist()]
-        text = {name: pa.array([entry[i] for entry in entries], type=pa.string()) for i, name in enumerate(names)}
-        parts = {"head": _head(pids, text["codes"]), "tail": text["tail"]}
+        rows = pa.array(self._rows[np.searchsorted(self._keys, packed)])
+        codes_text, tail, *tokens = (column.take(rows) for column in self._columns)
+        parts = {"head": _head(pids, codes_text), "tail": tail}
         if self.tokens:
-            parts["tokens"] = text["tokens"]
+            parts["tokens"] = tokens[0]
         return parts
 
     def _learn(self, codes: np.ndarray, packed: np.ndarray) -> None:
         unique, first = np.unique(packed, return_index=True)
-        new = [i for i, key in enumerate(unique.tolist()) if key not in self._text]
-        if not new:
+        known = np.searchsorted(self._keys, unique)
+        new = np.ones(len(unique), dtype=bool)
+        found = known < len(self._keys)
+        new[found] = self._keys[known[found]] != unique[found]
+        if not new.any():
             return
-        if len(self._text) + len(new) > self.max_entries:
-            self._text.clear()
-            new = list(range(len(unique)))
+        if len(self._keys) + int(new.sum()) > self.max_entries:
+            self._keys, self._rows, self._columns = self._keys[:0], self._rows[:0], []
+            new[:] = True
         fresh = codes[first[new]]
         columns = [_codes_text(fresh), _tail(self._vectors_of(fresh))]
         if self.tokens:
             columns.append(_tokens_field(fresh))
-        rows = zip(*(column.to_pylist() for column in columns), strict=True)
-        self._text.update(zip(unique[new].tolist(), rows, strict=True))
+        start = len(self._keys)
+        keys = np.concatenate([self._keys, unique[new]])
+        rows = np.concatenate([self._rows, np.arange(start, start + len(fresh), dtype=np.int64)])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._rows = keys[order], rows[order]
+        self._columns = (
+            [pa.concat_arrays([old, added]) for old, added in zip(self._columns, columns, strict=True)]
+            if self._columns
+            else columns
+        )
 
 
 def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:

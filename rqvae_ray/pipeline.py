@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -123,31 +122,37 @@ def _configure_data_context(options: RunOptions) -> None:
     # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
     # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
     ctx.max_errored_blocks = 0
-    ctx.wait_for_min_actors_s = options.actor_wait_s
+    # Every pool's actors start at once (see _reserve_actors); waiting here would start the pools one after another.
+    ctx.wait_for_min_actors_s = -1
     # The driver reports rows written per dataset itself; Ray Data's per-operator log lines would drown it.
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # A pool that cannot start is a sizing problem that the driver reports per model (see _pool_start_failure); Ray
-    # Data would log it as an internal Ray error, with a traceback and a request to report a bug to Ray.
-    logging.getLogger("ray.data.exceptions").addFilter(_HIDE_POOL_START_TIMEOUT)
 
 
-def _is_pool_start_timeout(exc: BaseException | None) -> bool:
-    """Ray Data's error for an actor pool that got no actors within ``DataContext.wait_for_min_actors_s``."""
-    from ray.exceptions import GetTimeoutError
-
-    return isinstance(exc, GetTimeoutError) and "Timed out while starting actors" in str(exc)
+class PoolStartTimeout(RuntimeError):
+    """The cluster could not hold a dataset's encoder actors within ``--actor-wait-s``."""
 
 
-class _HidePoolStartTimeout(logging.Filter):
-    """Drops Ray Data's log records about a pool start timeout (logged while that error is being handled)."""
+def _reserve_actors(num_cpus: float, num_gpus: float, actors: int, options: RunOptions) -> None:
+    """Return once the cluster can hold all of a dataset's encoder actors at the same time.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return not _is_pool_start_timeout(exc)
+    Ray Data starts its actor pools asynchronously here (``wait_for_min_actors_s = -1``), so that the pools' actors
+    start together rather than one pool after another (a GPU actor spends seconds starting torch and CUDA); this check
+    keeps the clear, bounded failure for pools that can never start. The placement group only probes: it is removed
+    at once, before the actors ask for the same resources (on an autoscaling cluster, the nodes it brought up stay).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-
-_HIDE_POOL_START_TIMEOUT = _HidePoolStartTimeout()
+    bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount}
+    if not bundle:
+        return
+    group = placement_group([bundle] * actors)
+    try:
+        ready = group.wait(timeout_seconds=options.actor_wait_s)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise PoolStartTimeout(_pool_start_failure(num_cpus, num_gpus, options))
 
 
 def _pool_start_failure(num_cpus: float, num_gpus: float, options: RunOptions) -> str:
@@ -342,6 +347,7 @@ def _encode_and_write(
     failure, commit = "", ""
     written: list[dict] = []
     try:
+        _reserve_actors(num_cpus, num_gpus, len(ready) * options.min_actors, options)
         pending = []
         last_report = time.monotonic()
         for bundle in ds.iter_internal_ref_bundles():
@@ -365,7 +371,7 @@ def _encode_and_write(
             )
             progress(f"{features.repo}: uploaded as commit {commit}")
     except (OutputError, ray.exceptions.RayError, ValueError, RuntimeError) as exc:
-        failure = _pool_start_failure(num_cpus, num_gpus, options) if _is_pool_start_timeout(exc) else _one_line(exc)
+        failure = _one_line(exc)
         try:
             ray.get(writer.abort.remote())
         except ray.exceptions.RayError:

@@ -9,6 +9,7 @@ records a manifest beside the outputs and, when asked, uploads the dataset's fil
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -144,10 +145,11 @@ class _Sink:
             columns["SID"] = tokens if extra is None else with_dedup_tokens(tokens, extra, levels)
         out = pa.table(columns)
         if self._parquet is None:
+            self._handle = _HashingFile(self.staged, self.digest)
             # Dictionary encoding is retried for every row group and costs ~8x the CPU of the plain encoding on
             # the float Vector column, for a larger file; only the SID strings repeat enough to gain from it.
             dictionary = ["SID"] if self.tokens else False
-            self._parquet = pq.ParquetWriter(self.staged, out.schema, use_dictionary=dictionary)
+            self._parquet = pq.ParquetWriter(self._handle, out.schema, use_dictionary=dictionary)
         self._parquet.write_table(out)
 
     def _replay_spool(self) -> None:
@@ -166,15 +168,44 @@ class _Sink:
             return
         self.closed = True
         self._replay_spool()
+        if self._parquet is not None:
+            self._parquet.close()
+            self._handle.close()  # Parquet may have closed it already; closing twice is harmless
+            return
         if self._handle is not None:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
-            return
-        if self._parquet is None:
-            return
-        self._parquet.close()
-        self.digest = hashlib.sha256(self.staged.read_bytes())
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes passing through it: Parquet output is hashed as it is written, never
+    read back whole."""
+
+    def __init__(self, path: Path, digest: hashlib._Hash) -> None:
+        super().__init__()
+        self._file = path.open("wb")
+        self._digest = digest
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        written = self._file.write(data)
+        self._position += written
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        super().close()
 
 
 class DatasetWriter:
