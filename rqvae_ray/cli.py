@@ -92,7 +92,9 @@ def run(
     sid_tokens: Annotated[
         bool, typer.Option("--sid-tokens", help="Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
     ] = False,
-    actor_wait_s: Annotated[float, typer.Option(help="Fail if a pool gets no actor within this many seconds.")] = 600.0,
+    actor_wait_s: Annotated[
+        float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
+    ] = 600.0,
     upload_retries: Annotated[int, typer.Option(min=0, help="Retries of a failed upload commit.")] = 5,
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
