@@ -284,7 +284,8 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
 
 def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path):
     out = tmp_path / "out"
-    models = [DEFAULT_MODELS[0], DEFAULT_MODELS[5]]
+    # As above: TKY (four models, more POIs) is reliably unfinished when the NYC output is published.
+    models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]
     args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "16"]
     proc = _start_cli(args)
     try:
