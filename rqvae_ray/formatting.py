@@ -87,10 +87,14 @@ class SidText:
         # search and an Arrow take, so the per-row cost stays out of Python.
         self._keys = np.empty(0, dtype=np.int64)
         self._rows = np.empty(0, dtype=np.int64)
-        self._columns: list[pa.Array] = []
+        self._columns = self._no_columns()
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def _no_columns(self) -> list[pa.Array]:
+        """Empty text columns: codes, tail[, tokens]."""
+        return [pa.array([], type=pa.string())] * (3 if self.tokens else 2)
 
     def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
         """The same pieces as :func:`csv_parts`; ``packed`` is one int64 per row that identifies its SID."""
@@ -111,7 +115,7 @@ class SidText:
         if not new.any():
             return
         if len(self._keys) + int(new.sum()) > self.max_entries:
-            self._keys, self._rows, self._columns = self._keys[:0], self._rows[:0], []
+            self._keys, self._rows, self._columns = self._keys[:0], self._rows[:0], self._no_columns()
             new[:] = True
         fresh = codes[first[new]]
         columns = [_codes_text(fresh), _tail(self._vectors_of(fresh))]
@@ -122,11 +126,7 @@ class SidText:
         rows = np.concatenate([self._rows, np.arange(start, start + len(fresh), dtype=np.int64)])
         order = np.argsort(keys, kind="stable")
         self._keys, self._rows = keys[order], rows[order]
-        self._columns = (
-            [pa.concat_arrays([old, added]) for old, added in zip(self._columns, columns, strict=True)]
-            if self._columns
-            else columns
-        )
+        self._columns = [pa.concat_arrays([old, added]) for old, added in zip(self._columns, columns, strict=True)]
 
 
 def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:
