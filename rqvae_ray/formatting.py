@@ -108,10 +108,7 @@ class SidText:
 
     def _learn(self, codes: np.ndarray, packed: np.ndarray) -> None:
         unique, first = np.unique(packed, return_index=True)
-        known = np.searchsorted(self._keys, unique)
-        new = np.ones(len(unique), dtype=bool)
-        found = known < len(self._keys)
-        new[found] = self._keys[known[found]] != unique[found]
+        new = ~np.isin(unique, self._keys, assume_unique=True)
         if not new.any():
             return
         if len(self._keys) + int(new.sum()) > self.max_entries:

@@ -100,13 +100,10 @@ class _Sink:
         self._parquet = None
         self._spool = None
         self._spool_path = staged.with_name(staged.name + ".spool")
-        self._handle = staged.open("wb") if fmt == "csv" else None
+        # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
+        self._handle = _HashingFile(staged, self.digest) if fmt == "csv" else None
         if self._handle is not None:
-            self._write(CSV_HEADER_WITH_SID if tokens else CSV_HEADER)
-
-    def _write(self, data: bytes) -> None:
-        self._handle.write(data)
-        self.digest.update(data)
+            self._handle.write(CSV_HEADER_WITH_SID if tokens else CSV_HEADER)
 
     def append(self, block: pa.Table) -> None:
         prefix = f"{self.target.column}."
@@ -129,10 +126,10 @@ class _Sink:
     def _emit(self, table: pa.Table, extra: np.ndarray | None) -> None:
         if self.fmt == "csv":
             if extra is None and "csv" in table.column_names:
-                self._write(string_bytes(table.column("csv")))
+                self._handle.write(string_bytes(table.column("csv")))
                 return
             parts = {k: table.column(k).combine_chunks() for k in ("head", "tail", "tokens") if k in table.column_names}
-            self._write(string_bytes(csv_lines(parts, extra, len(self.target.codebook_sizes))))
+            self._handle.write(string_bytes(csv_lines(parts, extra, len(self.target.codebook_sizes))))
             return
         import pyarrow.parquet as pq
 
@@ -170,17 +167,13 @@ class _Sink:
         self._replay_spool()
         if self._parquet is not None:
             self._parquet.close()
-            self._handle.close()  # Parquet may have closed it already; closing twice is harmless
-            return
         if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            self._handle.close()  # flushes and fsyncs; Parquet may have closed it already, which is harmless
 
 
 class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes passing through it: Parquet output is hashed as it is written, never
-    read back whole."""
+    """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
+    closing it flushes and fsyncs."""
 
     def __init__(self, path: Path, digest: hashlib._Hash) -> None:
         super().__init__()
