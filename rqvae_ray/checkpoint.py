@@ -38,11 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rqvae_ray.errors import CheckpointError
+
 BATCHNORM_EPS = 1e-5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def load_checkpoint_file(path: str | Path) -> ModelWeights:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+        raise CheckpointError(str(path), f"cannot read the checkpoint: {exc.strerror}") from None
     return load_checkpoint_bytes(data, source=str(path))
 
 
@@ -97,20 +95,22 @@ def load_checkpoint_bytes(data: bytes, source: str = "checkpoint") -> ModelWeigh
     import torch
 
     if not data:
-        raise CheckpointError(f"{source}: the file is empty; re-download or re-export the checkpoint")
+        raise CheckpointError(source, "the file is empty; re-download or re-export the checkpoint")
     try:
         archive = _protocol2_archive(data)
         with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
             obj = torch.load(io.BytesIO(archive), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{source}: refused to load: {_refusal_reason(exc)}; only checkpoints of tensors, plain containers and "
-            "argparse training arguments are accepted, re-save it with torch.save(state_dict)"
+            source,
+            f"refused to load: {_refusal_reason(exc)}; only checkpoints of tensors, plain containers and "
+            "argparse training arguments are accepted, re-save it with torch.save(state_dict)",
         ) from None
     except Exception:  # untrusted bytes: torch's reader and unpickler fail in many ways (struct, index, assert, ...)
         raise CheckpointError(
-            f"{source}: corrupt or truncated checkpoint ({len(data)} bytes, not a complete torch archive); "
-            "re-download or re-export it"
+            source,
+            f"corrupt or truncated checkpoint ({len(data)} bytes, not a complete torch archive); "
+            "re-download or re-export it",
         ) from None
     return weights_from_checkpoint(obj, source=source, sha256=hashlib.sha256(data).hexdigest())
 
@@ -230,11 +230,11 @@ def _state_dict(obj: object, source: str) -> dict[str, np.ndarray]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{source}: no state dict found (expected a dict with 'model_state_dict')")
+        raise CheckpointError(source, "no state dict found (expected a dict with 'model_state_dict')")
     state = {str(k): v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         keys = ", ".join(sorted(map(str, obj))[:12])
-        raise CheckpointError(f"{source}: no tensors found (keys seen: {keys}); expected a state dict of tensors")
+        raise CheckpointError(source, f"no tensors found (keys seen: {keys}); expected a state dict of tensors")
     return state
 
 
@@ -254,8 +254,9 @@ def weights_from_checkpoint(obj: object, source: str = "checkpoint", sha256: str
     else:
         seen = sorted({".".join(k.split(".")[:2]) for k in state})
         raise CheckpointError(
-            f"{source}: unknown checkpoint layout (key prefixes seen: {', '.join(seen[:12])}); expected "
-            "'encoder.layers.*' + 'quantizer.quantizers.*' (published) or 'encoder.mlp_layers.*' + 'rq.vq_layers.*'"
+            source,
+            f"unknown checkpoint layout (key prefixes seen: {', '.join(seen[:12])}); expected "
+            "'encoder.layers.*' + 'quantizer.quantizers.*' (published) or 'encoder.mlp_layers.*' + 'rq.vq_layers.*'",
         )
     weights = ModelWeights(layers=tuple(layers), codebooks=tuple(codebooks), layout=layout, sha256=sha256)
     _check_finite(weights, source)
@@ -278,18 +279,18 @@ def _indexed(state: dict[str, np.ndarray], prefix: str) -> dict[int, dict[str, n
 
 def _get(module: dict[str, np.ndarray], name: str, key: str, source: str) -> np.ndarray:
     if name not in module:
-        raise CheckpointError(f"{source}: missing key '{key}.{name}'; the state dict is incomplete")
+        raise CheckpointError(source, f"missing key '{key}.{name}'; the state dict is incomplete")
     return module[name]
 
 
 def _linear(module: dict[str, np.ndarray], key: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     weight = _get(module, "weight", key, source)
     if weight.ndim != 2:
-        raise CheckpointError(f"{source}: '{key}.weight' has shape {list(weight.shape)}, expected a 2-D Linear weight")
+        raise CheckpointError(source, f"'{key}.weight' has shape {list(weight.shape)}, expected a 2-D Linear weight")
     bias = module.get("bias", np.zeros(weight.shape[0], dtype=weight.dtype))
     if bias.shape != (weight.shape[0],):
         raise CheckpointError(
-            f"{source}: '{key}.bias' has shape {list(bias.shape)}, expected [{weight.shape[0]}] to match the weight"
+            source, f"'{key}.bias' has shape {list(bias.shape)}, expected [{weight.shape[0]}] to match the weight"
         )
     return weight.astype(np.float64), bias.astype(np.float64)
 
@@ -303,11 +304,12 @@ def _fold_batchnorm(
     for name, value in (*parts.items(), ("weight", gamma), ("bias", beta)):
         if value.shape != (weight.shape[0],):
             raise CheckpointError(
-                f"{source}: '{key}.{name}' has shape {list(value.shape)}, expected [{weight.shape[0]}] "
-                "to match the preceding Linear"
+                source,
+                f"'{key}.{name}' has shape {list(value.shape)}, expected [{weight.shape[0]}] "
+                "to match the preceding Linear",
             )
     if (parts["running_var"] < 0).any():
-        raise CheckpointError(f"{source}: '{key}.running_var' has negative entries; the checkpoint is corrupt")
+        raise CheckpointError(source, f"'{key}.running_var' has negative entries; the checkpoint is corrupt")
     scale = gamma / np.sqrt(parts["running_var"] + BATCHNORM_EPS)
     return weight * scale[:, None], (bias - parts["running_mean"]) * scale + beta
 
@@ -326,14 +328,14 @@ def _mlp(state: dict[str, np.ndarray], prefix: str, source: str) -> list[tuple[n
         if "running_mean" in module or "running_var" in module:
             if last_linear != index - 1:
                 raise CheckpointError(
-                    f"{source}: '{key}' is a BatchNorm that does not directly follow a Linear; unsupported layer order"
+                    source, f"'{key}' is a BatchNorm that does not directly follow a Linear; unsupported layer order"
                 )
             linears[-1] = _fold_batchnorm(*linears[-1], module, key, source)
         else:
             if last_module == index - 1:
                 raise CheckpointError(
-                    f"{source}: '{key}' directly follows another layer with no activation between them; "
-                    "unsupported layer order"
+                    source,
+                    f"'{key}' directly follows another layer with no activation between them; unsupported layer order",
                 )
             weight, bias = _linear(module, key, source)
             if linears:
@@ -342,15 +344,16 @@ def _mlp(state: dict[str, np.ndarray], prefix: str, source: str) -> list[tuple[n
             last_linear = index
         last_module = index
     if not linears:
-        raise CheckpointError(f"{source}: '{prefix}*' holds no Linear layer")
+        raise CheckpointError(source, f"'{prefix}*' holds no Linear layer")
     return linears
 
 
 def _check_chain(weight: np.ndarray, before: np.ndarray, key: str, source: str) -> None:
     if weight.shape[1] != before.shape[0]:
         raise CheckpointError(
-            f"{source}: '{key}.weight' has shape {list(weight.shape)}: it takes {weight.shape[1]} inputs but the "
-            f"layer before gives {before.shape[0]}; the state dict has inconsistent shapes"
+            source,
+            f"'{key}.weight' has shape {list(weight.shape)}: it takes {weight.shape[1]} inputs but the "
+            f"layer before gives {before.shape[0]}; the state dict has inconsistent shapes",
         )
 
 
@@ -358,7 +361,7 @@ def _published_encoder(state: dict[str, np.ndarray], source: str) -> list[Layer]
     layers = [Layer(w, b, relu=True) for w, b in _mlp(state, "encoder.layers.", source)]
     proj = {k[len("encoder.proj.") :]: v for k, v in state.items() if k.startswith("encoder.proj.")}
     if not proj:
-        raise CheckpointError(f"{source}: missing key 'encoder.proj.weight'; the state dict is incomplete")
+        raise CheckpointError(source, "missing key 'encoder.proj.weight'; the state dict is incomplete")
     weight, bias = _linear(proj, "encoder.proj", source)
     _check_chain(weight, layers[-1].weight, "encoder.proj", source)
     return [*layers, Layer(weight, bias, relu=False)]
@@ -373,8 +376,9 @@ def _authors_codebooks(state: dict[str, np.ndarray], width: int, source: str) ->
     ema = sorted(k for k in state if re.fullmatch(r"rq\.vq_layers\.\d+\.(ema_w|cluster_size)", k))
     if ema:
         raise CheckpointError(
-            f"{source}: '{ema[0]}' marks a GNPR-SID V2 CRQVAE, whose quantizer picks codewords by cosine similarity "
-            "and scales them; only the nearest-codeword residual quantizer (GNPR-SID RQVAE) is supported"
+            source,
+            f"'{ema[0]}' marks a GNPR-SID V2 CRQVAE, whose quantizer picks codewords by cosine similarity "
+            "and scales them; only the nearest-codeword residual quantizer (GNPR-SID RQVAE) is supported",
         )
     books = _codebooks(state, "rq.vq_layers.{}.embedding.weight", width, source)
     for level, book in enumerate(books):
@@ -385,8 +389,9 @@ def _authors_codebooks(state: dict[str, np.ndarray], width: int, source: str) ->
         weight, bias = _linear(projection, key, source)
         if weight.shape != (width, width):
             raise CheckpointError(
-                f"{source}: '{key}.weight' has shape {list(weight.shape)}, expected [{width}, {width}] to match "
-                "the codebook; the state dict has inconsistent shapes"
+                source,
+                f"'{key}.weight' has shape {list(weight.shape)}, expected [{width}, {width}] to match "
+                "the codebook; the state dict has inconsistent shapes",
             )
         books[level] = (book.astype(np.float64) @ weight.T + bias).astype(np.float32)
     return books
@@ -398,18 +403,19 @@ def _codebooks(state: dict[str, np.ndarray], template: str, width: int, source: 
     pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
     found = {int(m.group(1)): value for key, value in state.items() if (m := pattern.fullmatch(key))}
     if not found:
-        raise CheckpointError(f"{source}: missing key '{template.format(0)}'; no codebook tensors found")
+        raise CheckpointError(source, f"missing key '{template.format(0)}'; no codebook tensors found")
     gaps = sorted(set(range(max(found) + 1)) - set(found))
     if gaps:
         raise CheckpointError(
-            f"{source}: missing key '{template.format(gaps[0])}'; codebook levels {sorted(found)} skip level {gaps[0]}"
+            source, f"missing key '{template.format(gaps[0])}'; codebook levels {sorted(found)} skip level {gaps[0]}"
         )
     for level in range(len(found)):
         book = found[level]
         if book.ndim != 2 or book.shape[0] < 1 or book.shape[1] != width:
             raise CheckpointError(
-                f"{source}: '{template.format(level)}' has shape {list(book.shape)}, expected [K, {width}] since the "
-                f"encoder outputs {width}; the state dict has inconsistent shapes"
+                source,
+                f"'{template.format(level)}' has shape {list(book.shape)}, expected [K, {width}] since the "
+                f"encoder outputs {width}; the state dict has inconsistent shapes",
             )
     return [found[level].astype(np.float32) for level in range(len(found))]
 
@@ -417,7 +423,7 @@ def _codebooks(state: dict[str, np.ndarray], template: str, width: int, source: 
 def _check_finite(weights: ModelWeights, source: str) -> None:
     for index, layer in enumerate(weights.layers):
         if not (np.isfinite(layer.weight).all() and np.isfinite(layer.bias).all()):
-            raise CheckpointError(f"{source}: encoder layer {index} has NaN or Inf weights; the checkpoint is broken")
+            raise CheckpointError(source, f"encoder layer {index} has NaN or Inf weights; the checkpoint is broken")
     for level, book in enumerate(weights.codebooks):
         if not np.isfinite(book).all():
-            raise CheckpointError(f"{source}: codebook of level {level} has NaN or Inf entries")
+            raise CheckpointError(source, f"codebook of level {level} has NaN or Inf entries")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rqvae_ray.checkpoint import ModelWeights
+from rqvae_ray.errors import InputDimensionError
 
 BLOCK_ROWS = 256
 # The shortlist margin, relative to |r|**2 + max |c|**2: about 1e6 times the rounding error of a 64-term float64
@@ -70,10 +71,6 @@ class SparseRows:
         return cols, vals
 
 
-class InputDimensionError(ValueError):
-    """Features whose width or column indices do not fit the model's input dimension."""
-
-
 class Encoder:
     """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU."""
 
@@ -105,10 +102,8 @@ class Encoder:
 
     def _check_columns(self, rows: SparseRows) -> None:
         if len(rows.indices) and (rows.indices.min() < 0 or rows.indices.max() >= self.weights.input_dim):
-            raise InputDimensionError(
-                f"feature column {int(rows.indices.max())} is outside the model's input dimension "
-                f"{self.weights.input_dim}"
-            )
+            bad = rows.indices.min() if rows.indices.min() < 0 else rows.indices.max()
+            raise InputDimensionError(int(bad), self.weights.input_dim)
 
     def vectors(self, codes: np.ndarray) -> np.ndarray:
         """Sum of the chosen float32 codewords, accumulated in float32 from level 0 up."""

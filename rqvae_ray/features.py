@@ -13,11 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray.encoder import SparseRows
+from rqvae_ray.errors import DatasetError
 from rqvae_ray.stores import DatasetFiles
-
-
-class DatasetError(ValueError):
-    """A POI dataset that cannot be used; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -51,17 +48,17 @@ def load_dense_features(path: Path, repo: str) -> np.ndarray:
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise DatasetError(f"{repo}: {path.name} holds Python objects, not a tensor; refused to load it") from None
+        raise DatasetError(repo, f"{path.name} holds Python objects, not a tensor; refused to load it") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise DatasetError(f"{repo}: {path.name} is corrupt or truncated ({str(exc)[:120]}); re-download it") from None
+        raise DatasetError(repo, f"{path.name} is corrupt or truncated ({str(exc)[:120]}); re-download it") from None
     if isinstance(tensor, dict) and len(tensor) == 1:
         tensor = next(iter(tensor.values()))
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
         shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise DatasetError(f"{repo}: {path.name} must hold a 2-D tensor [POIs, features], found {shape}")
+        raise DatasetError(repo, f"{path.name} must hold a 2-D tensor [POIs, features], found {shape}")
     if tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.uint8, torch.bool):
         return tensor.to(torch.float32).numpy()
-    raise DatasetError(f"{repo}: {path.name} has dtype {tensor.dtype}; expected a float tensor")
+    raise DatasetError(repo, f"{path.name} has dtype {tensor.dtype}; expected a float tensor")
 
 
 def check_finite(values: np.ndarray, repo: str) -> None:
@@ -69,64 +66,65 @@ def check_finite(values: np.ndarray, repo: str) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
-        raise DatasetError(f"{repo}: features contain NaN or Inf (first at Pid {row + 1}); fix the feature file")
+        raise DatasetError(repo, f"features contain NaN or Inf (first at Pid {row + 1}); fix the feature file")
 
 
 def _check_metadata(files: DatasetFiles, num_pois: int, dim: int) -> None:
     if files.metadata is None:
-        raise DatasetError(f"{files.repo}: 'RQVAE Dataset/metadata.json' is missing; restore it (it holds total_dim)")
+        raise DatasetError(files.repo, "'RQVAE Dataset/metadata.json' is missing; restore it (it holds total_dim)")
     try:
         meta = json.loads(files.metadata.read_text())
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"{files.repo}: metadata.json is not valid JSON ({exc}); restore it") from None
+        raise DatasetError(files.repo, f"metadata.json is not valid JSON ({exc}); restore it") from None
     if not isinstance(meta, dict) or "total_dim" not in meta:
-        raise DatasetError(f"{files.repo}: metadata.json has no 'total_dim'; restore it")
+        raise DatasetError(files.repo, "metadata.json has no 'total_dim'; restore it")
     if int(meta["total_dim"]) != dim:
         raise DatasetError(
-            f"{files.repo}: metadata.json says total_dim {meta['total_dim']} but the features have {dim} columns; "
-            "the two files come from different builds, re-download both"
+            files.repo,
+            f"metadata.json says total_dim {meta['total_dim']} but the features have {dim} columns; "
+            "the two files come from different builds, re-download both",
         )
     if "num_pois" in meta and int(meta["num_pois"]) != num_pois:
         raise DatasetError(
-            f"{files.repo}: metadata.json says num_pois {meta['num_pois']} but the features have {num_pois} rows"
+            files.repo, f"metadata.json says num_pois {meta['num_pois']} but the features have {num_pois} rows"
         )
 
 
 def check_pid_mapping(files: DatasetFiles, num_pois: int) -> None:
     """The Pid mapping must list each Mapped_Pid 1..N exactly once."""
     if files.pid_mapping is None:
-        raise DatasetError(f"{files.repo}: 'Intermediate Files/pid_mapping.csv' is missing; restore it")
+        raise DatasetError(files.repo, "'Intermediate Files/pid_mapping.csv' is missing; restore it")
     try:
         with files.pid_mapping.open(newline="") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or "Mapped_Pid" not in reader.fieldnames:
-                raise DatasetError(f"{files.repo}: pid_mapping.csv has no 'Mapped_Pid' column; restore it")
+                raise DatasetError(files.repo, "pid_mapping.csv has no 'Mapped_Pid' column; restore it")
             mapped = np.array([int(row["Mapped_Pid"]) for row in reader], dtype=np.int64)
     except (OSError, ValueError, TypeError) as exc:
         if isinstance(exc, DatasetError):
             raise
-        raise DatasetError(f"{files.repo}: pid_mapping.csv is unreadable ({exc}); restore it") from None
+        raise DatasetError(files.repo, f"pid_mapping.csv is unreadable ({exc}); restore it") from None
     if len(mapped) != num_pois:
         raise DatasetError(
-            f"{files.repo}: pid_mapping.csv has {len(mapped)} rows but the features have {num_pois}; "
-            "they come from different builds"
+            files.repo,
+            f"pid_mapping.csv has {len(mapped)} rows but the features have {num_pois}; they come from different builds",
         )
     values, counts = np.unique(mapped, return_counts=True)
     if (counts > 1).any():
         raise DatasetError(
-            f"{files.repo}: pid_mapping.csv repeats Mapped_Pid {int(values[counts > 1][0])}; each Pid must be unique"
+            files.repo, f"pid_mapping.csv repeats Mapped_Pid {int(values[counts > 1][0])}; each Pid must be unique"
         )
     if len(values) and (values[0] != 1 or values[-1] != num_pois):
-        raise DatasetError(f"{files.repo}: pid_mapping.csv Mapped_Pid must run 1..{num_pois}")
+        raise DatasetError(files.repo, f"pid_mapping.csv Mapped_Pid must run 1..{num_pois}")
 
 
 def _metadata_dim(files: DatasetFiles) -> int:
     if files.metadata is None:
-        raise DatasetError(f"{files.repo}: 'RQVAE Dataset/metadata.json' is missing; restore it (it holds total_dim)")
+        raise DatasetError(files.repo, "'RQVAE Dataset/metadata.json' is missing; restore it (it holds total_dim)")
     try:
         return int(json.loads(files.metadata.read_text())["total_dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{files.repo}: metadata.json has no readable 'total_dim' ({exc}); restore it") from None
+        raise DatasetError(files.repo, f"metadata.json has no readable 'total_dim' ({exc}); restore it") from None
 
 
 def _load_parquet(files: DatasetFiles) -> PoiFeatures:
@@ -138,16 +136,17 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
         try:
             parquet = pq.ParquetFile(shard)
         except (OSError, pa.ArrowException) as exc:
-            raise DatasetError(f"{files.repo}: {shard.name} is not a readable Parquet file ({exc})") from None
+            raise DatasetError(files.repo, f"{shard.name} is not a readable Parquet file ({exc})") from None
         names = set(parquet.schema_arrow.names)
         if "Pid" not in names or not ({"indices", "features"} & names):
             raise DatasetError(
-                f"{files.repo}: {shard.name} needs a 'Pid' column and 'indices' (sparse) or 'features' (dense); "
-                f"found {sorted(names)}"
+                files.repo,
+                f"{shard.name} needs a 'Pid' column and 'indices' (sparse) or 'features' (dense); "
+                f"found {sorted(names)}",
             )
         num_pois += parquet.metadata.num_rows
     if num_pois == 0:
-        raise DatasetError(f"{files.repo}: the Parquet shards hold no rows (0 POIs); nothing to encode")
+        raise DatasetError(files.repo, "the Parquet shards hold no rows (0 POIs); nothing to encode")
     return _validated(files, num_pois, dim, shards=tuple(str(p) for p in files.features))
 
 
@@ -172,7 +171,7 @@ def load_features(files: DatasetFiles) -> PoiFeatures:
     dense = load_dense_features(files.features[0], files.repo)
     num_pois, dim = dense.shape
     if num_pois == 0:
-        raise DatasetError(f"{files.repo}: the feature tensor is empty (0 POIs); nothing to encode")
+        raise DatasetError(files.repo, "the feature tensor is empty (0 POIs); nothing to encode")
     check_finite(dense, files.repo)
     return _validated(files, num_pois, dim, rows=SparseRows.from_dense(dense))
 
@@ -204,7 +203,7 @@ def rows_from_table(table: pa.Table) -> SparseRows:
             values = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             values = values.astype(np.float32)
             if len(values) != len(indices):
-                raise DatasetError("each row's 'values' must have as many entries as its 'indices'")
+                raise DatasetError("", "each row's 'values' must have as many entries as its 'indices'")
             bad = np.flatnonzero(~np.isfinite(values))
             if len(bad):
                 _reject_row(table, int(np.searchsorted(indptr, bad[0], side="right")) - 1)
@@ -220,7 +219,7 @@ def rows_from_table(table: pa.Table) -> SparseRows:
 
 def _reject_row(table: pa.Table, row: int) -> None:
     pid = table.column("Pid")[row].as_py()
-    raise DatasetError(f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
+    raise DatasetError("", f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
 
 
 def to_ray_dataset(features: PoiFeatures, block_rows: int):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rqvae_ray.errors import InvalidModelIdError, InvalidModelIdsError
+
 DEFAULT_ORG = "comp5331poi"
 DATASETS = ("nyc", "tky")
 
@@ -19,10 +21,6 @@ _NUMBER = r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
 # A field's value runs to the next '-', except the '-' of an exponent such as 'lr5e-5'.
 _FIELDS = {field: re.compile(rf"(?:^|-){field}((?:[^-]|(?<=[eE])-)*)") for field in ("div", "commit", "lr")}
 _FLAGS = ("without_l_quant", "without_l_reconstruction", "withkl")
-
-
-class InvalidModelIdError(ValueError):
-    """A model ID that cannot be parsed; the message names the ID and the fix."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,11 @@ def _number(model_id: str, field: str, name: str, default: float) -> float:
     if not found:
         return default
     if len(found) > 1:
-        raise InvalidModelIdError(f"{model_id!r}: '{field}' appears {len(found)} times; give it once")
+        raise InvalidModelIdError(model_id, f"'{field}' appears {len(found)} times; give it once")
     raw = found[0]
     if re.fullmatch(_NUMBER, raw) is None:
         example = "lr5e-5" if field == "lr" else f"{field}0.25"
-        raise InvalidModelIdError(f"{model_id!r}: '{field}{raw}' is not a number like '{example}'")
+        raise InvalidModelIdError(model_id, f"'{field}{raw}' is not a number like '{example}'")
     return float(raw)
 
 
@@ -73,19 +71,19 @@ def parse_model_id(model_id: str) -> ModelSpec:
     elif len(parts) == 2:
         org, name = parts
     else:
-        raise InvalidModelIdError(f"{model_id!r}: a model ID is 'org/name' with exactly one '/'")
+        raise InvalidModelIdError(model_id, "a model ID is 'org/name' with exactly one '/'")
     for part in (org, name):
         if not _NAME_CHARS.match(part) or ".." in part:
             raise InvalidModelIdError(
-                f"{model_id!r}: '{part}' may only use letters, digits, '.', '_', '-' (no '..', no leading symbol)"
+                model_id, f"'{part}' may only use letters, digits, '.', '_', '-' (no '..', no leading symbol)"
             )
     lower = name.lower()
     tokens = set(re.split(r"[-_.]", lower))
     named = [d for d in DATASETS if d in tokens]
     if not named:
-        raise InvalidModelIdError(f"{model_id!r}: the name must say its dataset ('nyc' or 'tky'), e.g. rqvae-nyc-...")
+        raise InvalidModelIdError(model_id, "the name must say its dataset ('nyc' or 'tky'), e.g. rqvae-nyc-...")
     if len(named) > 1:
-        raise InvalidModelIdError(f"{model_id!r}: the name names both datasets; keep one of 'nyc' or 'tky'")
+        raise InvalidModelIdError(model_id, "the name names both datasets; keep one of 'nyc' or 'tky'")
     return ModelSpec(
         model_id=f"{org}/{name}",
         org=org,
@@ -118,7 +116,7 @@ def parse_model_ids(model_ids: list[str] | tuple[str, ...]) -> list[ModelSpec]:
     """Parse every ID, raising one :class:`InvalidModelIdError` that reports all bad ones together."""
     specs, errors = split_model_ids(model_ids)
     if errors:
-        raise InvalidModelIdError("; ".join(errors.values()))
+        raise InvalidModelIdsError(errors)
     return specs
 
 

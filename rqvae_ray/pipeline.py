@@ -19,11 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rqvae_ray import __version__
-from rqvae_ray.checkpoint import CheckpointError, ModelWeights, load_checkpoint_bytes
-from rqvae_ray.features import DatasetError, PoiFeatures, load_features, to_ray_dataset
+from rqvae_ray.checkpoint import ModelWeights, load_checkpoint_bytes
+from rqvae_ray.errors import (
+    Cancelled,
+    CheckpointError,
+    OutputError,
+    PoolStartTimeout,
+    RayConnectionLost,
+    RqvaeRayError,
+    reason_of,
+)
+from rqvae_ray.features import PoiFeatures, load_features, to_ray_dataset
 from rqvae_ray.model_ids import ModelSpec, group_by_dataset
-from rqvae_ray.stores import HfHub, LocalHub, ResourceNotFoundError
-from rqvae_ray.writer import DatasetWriter, ModelTarget, OutputError, file_sha256, output_dir, read_manifest
+from rqvae_ray.stores import HfHub, LocalHub
+from rqvae_ray.writer import DatasetWriter, ModelTarget, file_sha256, output_dir, read_manifest
 
 Progress = Callable[[str], None]
 
@@ -140,10 +149,6 @@ def _configure_data_context(options: RunOptions) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-class PoolStartTimeout(RuntimeError):
-    """The cluster could not hold a dataset's encoder actors within ``--actor-wait-s``."""
-
-
 def _reserve_actors(num_cpus: float, num_gpus: float, actors: int, options: RunOptions) -> None:
     """Return once the cluster can hold all of a dataset's encoder actors at the same time.
 
@@ -247,7 +252,7 @@ def run_dataset(
     started = time.monotonic()
     try:
         features = load_features(options.hub.dataset_files(org, dataset))
-    except (ResourceNotFoundError, DatasetError) as exc:
+    except RqvaeRayError as exc:
         return [ModelResult(s.model_id, s.dataset, ok=False, error=str(exc)) for s in specs]
     progress(f"{org}/{dataset}: {features.num_pois} POIs x {features.dim} features (revision {features.revision})")
 
@@ -260,10 +265,11 @@ def run_dataset(
             weights = load_checkpoint_bytes(data, source="checkpoint")
             if weights.input_dim != features.dim:
                 raise CheckpointError(
+                    spec.model_id,
                     f"the model takes {weights.input_dim} input features but {org}/{dataset} has "
-                    f"{features.dim}; pair the model with the dataset it was trained on"
+                    f"{features.dim}; pair the model with the dataset it was trained on",
                 )
-        except (ResourceNotFoundError, CheckpointError) as exc:
+        except RqvaeRayError as exc:
             results[spec.model_id] = ModelResult(spec.model_id, spec.dataset, ok=False, error=str(exc))
             continue
         candidate = _Ready(spec, weights, revision)
@@ -363,7 +369,7 @@ def _encode_and_write(
         last_report = time.monotonic()
         for bundle in ds.iter_internal_ref_bundles():
             if cancel.is_set():
-                raise Cancelled(f"{features.repo}: interrupted; unfinished outputs were not published")
+                raise Cancelled(features.repo)
             for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
                 span = (part.start_offset, part.end_offset) if part is not None else None
                 pending.append(writer.write.remote(entry.ref, span))
@@ -381,8 +387,8 @@ def _encode_and_write(
                 writer.upload.remote(_commit_message(features, ready), options.upload_retries, options.upload_backoff_s)
             )
             progress(f"{features.repo}: uploaded as commit {commit}")
-    except (OutputError, ray.exceptions.RayError, ValueError, RuntimeError) as exc:
-        failure = _one_line(exc)
+    except (RqvaeRayError, ray.exceptions.RayError) as exc:
+        failure = reason_of(exc)
         try:
             ray.get(writer.abort.remote())
         except ray.exceptions.RayError:
@@ -403,15 +409,6 @@ def _encode_and_write(
     return results
 
 
-def _one_line(exc: BaseException) -> str:
-    """The last meaningful line of an error (Ray wraps remote errors in a traceback)."""
-    cause = getattr(exc, "cause", None) or exc
-    for line in reversed(str(cause).strip().splitlines()):
-        if line.strip() and not line.startswith(" "):
-            return line.strip()[:500]
-    return type(cause).__name__
-
-
 def check_out_dir(out_dir: str) -> None:
     """Fail fast (before any inference) when the output directory cannot be written."""
     path = Path(out_dir)
@@ -422,12 +419,8 @@ def check_out_dir(out_dir: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputError(
-            f"output directory {out_dir} is not writable ({exc.strerror}); choose another --out-dir"
+            f"output directory {out_dir} is not writable ({exc.strerror}); choose another --out-dir", path=out_dir
         ) from None
-
-
-class RayConnectionLost(RuntimeError):
-    """The driver can no longer reach the Ray cluster (its GCS); unfinished outputs were not published."""
 
 
 def _gcs_reachable(address: str) -> bool:
@@ -452,14 +445,7 @@ def _wait_watching_ray(futures: list[Future], every_s: float = 2.0, misses: int 
     while wait(futures, timeout=every_s).not_done:
         missed = 0 if _gcs_reachable(address) else missed + 1
         if missed >= misses:
-            raise RayConnectionLost(
-                f"lost the connection to the Ray cluster (GCS at {address} does not answer); finished outputs are "
-                "kept, unfinished ones were not published; rerun to complete the rest"
-            )
-
-
-class Cancelled(RuntimeError):
-    """The run was interrupted; unfinished outputs were not published."""
+            raise RayConnectionLost(address)
 
 
 def run_models(

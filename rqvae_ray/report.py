@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rqvae_ray import __version__
+from rqvae_ray.errors import ReportError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,10 +29,6 @@ LEVEL_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22"
 FIGURE_WIDTH_IN, ROW_HEIGHT_IN, TOP_IN, LEFT_IN, RIGHT_IN, GAP_IN = 17.0, 2.5, 0.55, 0.65, 0.2, 0.55
 BUCKET_PANEL_RATIO = 1.1
 DPI = 110
-
-
-class ReportError(RuntimeError):
-    """A quality report that cannot be written; the message names the file and the reason."""
 
 
 def write_quality_json(path: str | Path, reports: dict[str, dict]) -> Path:
@@ -74,7 +71,7 @@ def quality_table(reports: dict[str, dict]) -> str:
 def draw_quality_png(path: str | Path, reports: dict[str, dict]) -> Path:
     """Draw one PNG with a row per model: codeword usage per level and the bucket-size distribution (log scale)."""
     if not reports:
-        raise ReportError(f"cannot draw {path}: no model summaries to draw")
+        raise ReportError(str(path), "no model summaries to draw")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -195,7 +192,7 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         write(staged)
         os.replace(staged, path)
     except OSError as exc:
-        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise ReportError(str(path), str(exc.strerror or exc)) from None
     finally:
         with contextlib.suppress(OSError):  # gone after os.replace; may be unreachable when the write failed
             staged.unlink(missing_ok=True)

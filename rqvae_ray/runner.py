@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rqvae_ray.errors import OutputError, ResourceNotFoundError, UploadError
 from rqvae_ray.model_ids import ModelSpec
 from rqvae_ray.pipeline import ModelResult, Progress, RunOptions, check_out_dir, run_models
-from rqvae_ray.stores import HfHub, LocalHub, ResourceNotFoundError
-from rqvae_ray.upload import UploadError, require_token
-from rqvae_ray.writer import OutputError
+from rqvae_ray.stores import HfHub, LocalHub
+from rqvae_ray.upload import require_token
 
 
 class SetupError(RuntimeError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rqvae_ray.errors import FileNotInRepoError, NotCachedError, RepoNotFoundError
 from rqvae_ray.model_ids import ModelSpec
 from rqvae_ray.retry import call_with_retries
 
@@ -23,10 +24,6 @@ FEATURES_FILE = "RQVAE Dataset/poi_features.pt"
 FEATURES_PARQUET_DIR = "RQVAE Dataset/poi_features"
 METADATA_FILE = "RQVAE Dataset/metadata.json"
 PID_MAPPING_FILE = "Intermediate Files/pid_mapping.csv"
-
-
-class ResourceNotFoundError(FileNotFoundError):
-    """A model or dataset file that the store does not have; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -50,31 +47,37 @@ class LocalHub:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
-            raise ResourceNotFoundError(f"hub directory {self.root} does not exist; pass an existing --hub-dir")
+            raise RepoNotFoundError(f"hub directory {self.root} does not exist; pass an existing --hub-dir")
 
     def _inside(self, *parts: str) -> Path:
         path = self.root.joinpath(*parts).resolve()
         if not path.is_relative_to(self.root):
-            raise ResourceNotFoundError(f"{'/'.join(parts)} points outside the hub directory {self.root}")
+            raise RepoNotFoundError(f"{'/'.join(parts)} points outside the hub directory {self.root}")
         return path
 
     def checkpoint(self, spec: ModelSpec) -> tuple[bytes, str]:
         """The checkpoint bytes of a model and a revision label (``local``)."""
         path = self._inside("models", spec.org, spec.name, CHECKPOINT_FILE)
         if not path.is_file():
-            raise ResourceNotFoundError(f"model {spec.model_id} not found: no {path}; check the model ID or --hub-dir")
+            raise RepoNotFoundError(
+                f"model {spec.model_id} not found: no {path}; check the model ID or --hub-dir", repo=spec.model_id
+            )
         return path.read_bytes(), "local"
 
     def dataset_files(self, org: str, dataset: str) -> DatasetFiles:
         """Paths of a dataset's features, metadata and Pid mapping (missing optional files are ``None``)."""
         base = self._inside("datasets", org, dataset)
         if not base.is_dir():
-            raise ResourceNotFoundError(f"dataset {org}/{dataset} not found: no directory {base}; check --hub-dir")
+            raise RepoNotFoundError(
+                f"dataset {org}/{dataset} not found: no directory {base}; check --hub-dir", repo=f"{org}/{dataset}"
+            )
         shards = sorted((base / FEATURES_PARQUET_DIR).glob("*.parquet"))
         features = shards or [base / FEATURES_FILE]
         if not features[0].is_file():
-            raise ResourceNotFoundError(
-                f"dataset {org}/{dataset}: no features at {base / FEATURES_FILE} or {base / FEATURES_PARQUET_DIR}/"
+            raise FileNotInRepoError(
+                f"dataset {org}/{dataset}: no features at {base / FEATURES_FILE} or {base / FEATURES_PARQUET_DIR}/",
+                repo=f"{org}/{dataset}",
+                filename=FEATURES_FILE,
             )
         metadata, mapping = base / METADATA_FILE, base / PID_MAPPING_FILE
         return DatasetFiles(
@@ -108,19 +111,24 @@ class HfHub:
                 call_with_retries(lambda: hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision))
             )
         except RepositoryNotFoundError:
-            raise ResourceNotFoundError(
-                f"{kind} repo {repo_id} not found on the Hub (or not visible with this token); check the ID"
+            raise RepoNotFoundError(
+                f"{kind} repo {repo_id} not found on the Hub (or not visible with this token); check the ID",
+                repo=repo_id,
             ) from None
         except RevisionNotFoundError:
-            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no revision {revision!r}") from None
+            raise RepoNotFoundError(f"{kind} repo {repo_id} has no revision {revision!r}", repo=repo_id) from None
         # LocalEntryNotFoundError is an EntryNotFoundError: it must be caught first.
         except LocalEntryNotFoundError:
-            raise ResourceNotFoundError(
+            raise NotCachedError(
                 f"{kind} repo {repo_id}: file {filename!r} is not in the local cache and the Hub cannot be reached "
-                "(offline?); run once online or unset HF_HUB_OFFLINE"
+                "(offline?); run once online or unset HF_HUB_OFFLINE",
+                repo=repo_id,
+                filename=filename,
             ) from None
         except EntryNotFoundError:
-            raise ResourceNotFoundError(f"{kind} repo {repo_id} has no file {filename!r}") from None
+            raise FileNotInRepoError(
+                f"{kind} repo {repo_id} has no file {filename!r}", repo=repo_id, filename=filename
+            ) from None
         return path, _snapshot_commit(path)
 
     def checkpoint(self, spec: ModelSpec) -> tuple[bytes, str]:
@@ -134,9 +142,7 @@ class HfHub:
         try:
             features, commit = self._download(repo, FEATURES_FILE, "dataset")
             shards = [features]
-        except ResourceNotFoundError as exc:
-            if "has no file" not in str(exc):
-                raise
+        except FileNotInRepoError:
             shards, commit = self._parquet_shards(repo)
         metadata, _ = self._optional(repo, METADATA_FILE)
         mapping, _ = self._optional(repo, PID_MAPPING_FILE)
@@ -155,18 +161,18 @@ class HfHub:
         )
         shards = sorted((folder / FEATURES_PARQUET_DIR).glob("*.parquet"))
         if not shards:
-            raise ResourceNotFoundError(
-                f"dataset repo {repo} has neither {FEATURES_FILE!r} nor Parquet shards in {FEATURES_PARQUET_DIR!r}"
+            raise FileNotInRepoError(
+                f"dataset repo {repo} has neither {FEATURES_FILE!r} nor Parquet shards in {FEATURES_PARQUET_DIR!r}",
+                repo=repo,
+                filename=FEATURES_FILE,
             )
         return shards, folder.name
 
     def _optional(self, repo: str, filename: str) -> tuple[Path | None, str]:
         try:
             return self._download(repo, filename, "dataset")
-        except ResourceNotFoundError as exc:
-            if "has no file" in str(exc):
-                return None, ""
-            raise
+        except FileNotInRepoError:
+            return None, ""
 
 
 def _snapshot_commit(path: Path) -> str:

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rqvae_ray.errors import MissingTokenError, UploadError
 from rqvae_ray.retry import call_with_retries, describe_error
-
-
-class UploadError(RuntimeError):
-    """An upload that failed for good; the message says why (never with the token)."""
-
-
-class MissingTokenError(UploadError):
-    """An upload was requested but no Hugging Face token is configured."""
 
 
 def require_token() -> None:
@@ -50,5 +43,5 @@ def commit_files(
             backoff_s,
         )
     except Exception as exc:  # noqa: BLE001 - any failure left after the retries is reported the same way
-        raise UploadError(f"upload to dataset repo {repo_id} failed: {describe_error(exc)}") from None
+        raise UploadError(f"upload to dataset repo {repo_id} failed: {describe_error(exc)}", repo=repo_id) from None
     return info.oid

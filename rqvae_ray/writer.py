@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray import __version__
+from rqvae_ray.errors import OutputError, UploadError
 from rqvae_ray.formatting import (
     CSV_HEADER,
     CSV_HEADER_WITH_SID,
@@ -36,10 +37,6 @@ from rqvae_ray.sid_stats import SidCounter
 
 STAGING_DIR = ".rqvae_ray-staging"
 MANIFEST_FILE = "rqvae_ray-manifest.json"
-
-
-class OutputError(RuntimeError):
-    """Output that cannot be written or fails validation; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -292,14 +289,14 @@ class DatasetWriter:
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:
         """Commit this run's files and the manifest to the dataset repo; returns the commit oid."""
-        from rqvae_ray.upload import UploadError, commit_files
+        from rqvae_ray.upload import commit_files
 
         prefix = f"{self.base_folder}/Intermediate Files"
         files = [(path, f"{prefix}/{path.name}") for path in [*self.published, self.final_dir / MANIFEST_FILE]]
         try:
             oid = commit_files(self.repo, files, message, retries=retries, backoff_s=backoff_s)
         except UploadError as exc:
-            raise UploadError(f"{exc}; the finished files are kept in {self.final_dir}") from None
+            raise UploadError(f"{exc}; the finished files are kept in {self.final_dir}", repo=self.repo) from None
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
         return oid

@@ -1,0 +1,164 @@
+"""Every error rqvae_ray raises on purpose: one base class, and subclasses that carry what they are about.
+
+Each message is one line that names the bad input and what to do about it. Code decides on an error's class (and
+its attributes), never on its text. Errors cross process boundaries (Ray pickles an error raised in an actor or a
+task), so every class rebuilds from its state without calling ``__init__``.
+"""
+
+from __future__ import annotations
+
+
+class RqvaeRayError(Exception):
+    """Base class of the errors rqvae_ray raises on purpose; ``str(error)`` is the one-line reason."""
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[RqvaeRayError], args: tuple, state: dict) -> RqvaeRayError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class InvalidModelIdError(RqvaeRayError, ValueError):
+    """A model ID that cannot be parsed."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(f"{model_id!r}: {reason}")
+        self.model_id = model_id
+        self.reason = reason
+
+
+class InvalidModelIdsError(InvalidModelIdError):
+    """Several model IDs that cannot be parsed, reported together: ``errors`` maps each to its reason."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        RqvaeRayError.__init__(self, "; ".join(errors.values()))
+        self.errors = errors
+        self.model_id, self.reason = next(iter(errors.items()))
+
+
+class ResourceNotFoundError(RqvaeRayError):
+    """A model, dataset or hub that the store does not have."""
+
+    def __init__(self, message: str, *, repo: str = "", filename: str = "") -> None:
+        super().__init__(message)
+        self.repo = repo
+        self.filename = filename
+
+
+class RepoNotFoundError(ResourceNotFoundError):
+    """A whole model or dataset repo (or local hub directory) is missing or not visible."""
+
+
+class FileNotInRepoError(ResourceNotFoundError):
+    """The repo exists, but the file ``filename`` is not in it (at that revision)."""
+
+
+class NotCachedError(ResourceNotFoundError):
+    """A file is not in the local cache and the Hub cannot be reached."""
+
+
+class CheckpointError(RqvaeRayError, ValueError):
+    """A checkpoint that cannot be used."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class DatasetError(RqvaeRayError, ValueError):
+    """A POI dataset (or one of its rows) that cannot be used."""
+
+    def __init__(self, repo: str, reason: str) -> None:
+        super().__init__(f"{repo}: {reason}" if repo else reason)
+        self.repo = repo
+        self.reason = reason
+
+
+class InputDimensionError(RqvaeRayError, ValueError):
+    """Features whose column indices do not fit the model's input dimension."""
+
+    def __init__(self, column: int, input_dim: int) -> None:
+        super().__init__(f"feature column {column} is outside the model's input dimension {input_dim}")
+        self.column = column
+        self.input_dim = input_dim
+
+
+class OutputError(RqvaeRayError):
+    """Output that cannot be written, or that fails validation."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class UploadError(RqvaeRayError):
+    """An upload to the Hub that failed for good (the message never holds the token)."""
+
+    def __init__(self, message: str, *, repo: str = "") -> None:
+        super().__init__(message)
+        self.repo = repo
+
+
+class MissingTokenError(UploadError):
+    """An upload was asked for, but no Hugging Face token is configured."""
+
+
+class ReportError(RqvaeRayError):
+    """A quality report that cannot be written."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class PoolStartTimeout(RqvaeRayError):
+    """The cluster could not hold a dataset's encoder actors within ``--actor-wait-s``."""
+
+
+class RayConnectionLost(RqvaeRayError):
+    """The driver can no longer reach the Ray cluster; unfinished outputs were not published."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"lost the connection to the Ray cluster (GCS at {address} does not answer); finished outputs are "
+            "kept, unfinished ones were not published; rerun to complete the rest"
+        )
+        self.address = address
+
+
+class Cancelled(RqvaeRayError):
+    """The run was interrupted; unfinished outputs were not published."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(f"{repo}: interrupted; unfinished outputs were not published")
+        self.repo = repo
+
+
+def reason_of(error: BaseException) -> str:
+    """The one-line reason of a failure, found by class along Ray's wrapping (a ``RayTaskError``'s ``cause``,
+    Python's ``__cause__`` and ``__context__``): the first of our own errors, else the innermost error's type and
+    first line (never Ray's retry advice or traceback)."""
+    chain = _chain(error)
+    for current in chain:
+        if isinstance(current, RqvaeRayError) and getattr(current, "cause", None) is None:
+            return str(current.args[0]) if current.args else type(current).__name__
+    inner = chain[-1]
+    lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0][:300]}" if lines else type(inner).__name__
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        wrapped = getattr(current, "cause", None)
+        current = wrapped if isinstance(wrapped, BaseException) else (current.__cause__ or current.__context__)
+    return chain
