@@ -7,12 +7,17 @@ raising; unlike it, SIDs never depend on batch order or size, and every call ret
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
-from rqvae_ray.model_ids import DEFAULT_MODELS, InvalidModelIdError, ModelSpec, parse_model_id
-from rqvae_ray.pipeline import ModelResult
-from rqvae_ray.runner import SetupError, run_specs
+from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.errors import InvalidModelIdError, RqvaeRayError
+from rqvae_ray.model_ids import DEFAULT_MODELS, ModelSpec, parse_model_id
+from rqvae_ray.options import RunOptions, check_setup
+from rqvae_ray.pipeline import ModelResult, run_models
+from rqvae_ray.plan import PoolMode, PoolSizing
+from rqvae_ray.stores import HfHub, LocalHub
 
 # The original system's order of its target models.
 TARGET_MODELS = [DEFAULT_MODELS[i] for i in (5, 6, 8, 9, 4, 3, 1, 0, 2, 7)]
@@ -39,7 +44,13 @@ class ModelConfigParser:
 
 
 class BatchInferenceProcessor:
-    """Runs models through the Ray pipeline; uploads to the Hub unless only ``out_dir`` is wanted."""
+    """Runs models through the Ray pipeline; uploads to the Hub unless only ``out_dir`` is wanted.
+
+    The keyword options are those of the command line: ``fmt`` ("csv"/"parquet"), ``dedup``, ``sid_tokens``,
+    ``pools`` ("auto"/"dataset"/"model"), ``batch_size``, ``min_actors``, ``max_actors``, ``cpus_per_actor``,
+    ``gpus_per_actor``, ``actor_wait_s``, ``address``, ``revision``, ``dataset_revision``, ``force``,
+    ``upload_retries``.
+    """
 
     def __init__(
         self,
@@ -48,27 +59,49 @@ class BatchInferenceProcessor:
         hub_dir: str | Path | None = None,
         out_dir: str | Path | None = None,
         upload: bool | None = None,
-        **options,
+        *,
+        fmt: str = "csv",
+        dedup: bool = False,
+        sid_tokens: bool = False,
+        pools: str = "auto",
+        batch_size: int = 4096,
+        min_actors: int | None = None,
+        max_actors: int | None = None,
+        cpus_per_actor: float | None = None,
+        gpus_per_actor: float | None = None,
+        actor_wait_s: float = 600.0,
+        address: str | None = None,
+        revision: str | None = None,
+        dataset_revision: str | None = None,
+        force: bool = False,
+        upload_retries: int = 5,
     ) -> None:
         if hf_token:
             # Read by huggingface_hub in this process and in the Ray processes started from it; never logged.
             os.environ["HF_TOKEN"] = hf_token
-        self.base_folder = base_folder or os.getenv("HF_LLM_DATASET_DIR", "LLM Dataset")
         self.hub_dir = hub_dir
-        self.out_dir = out_dir
-        self.upload = out_dir is None if upload is None else upload
-        self.options = options
+        self.revisions = (revision, dataset_revision)
+        # The hub is made in run(), so that a missing hub directory is reported there like any setup problem.
+        self._options = functools.partial(
+            RunOptions,
+            out_dir=None if out_dir is None else str(Path(out_dir).resolve()),
+            upload=out_dir is None if upload is None else upload,
+            base_folder=base_folder or os.getenv("HF_LLM_DATASET_DIR", "LLM Dataset"),
+            output=OutputSpec(OutputFormat(fmt), dedup, sid_tokens),
+            pools=PoolSizing(PoolMode(pools), min_actors, max_actors, cpus_per_actor, gpus_per_actor),
+            batch_size=batch_size,
+            actor_wait_s=actor_wait_s,
+            address=address,
+            force=force,
+            upload_retries=upload_retries,
+        )
 
     def run(self, specs: list[ModelSpec]) -> list[ModelResult]:
-        """Run parsed models; raises :class:`SetupError` for problems found before inference."""
-        return run_specs(
-            specs,
-            hub_dir=self.hub_dir,
-            out_dir=self.out_dir,
-            upload=self.upload,
-            base_folder=self.base_folder,
-            **self.options,
-        )
+        """Run parsed models; raises an :class:`~rqvae_ray.errors.RqvaeRayError` for problems found before inference."""
+        hub = HfHub(*self.revisions) if self.hub_dir is None else LocalHub(self.hub_dir)
+        options = self._options(hub=hub)
+        check_setup(options)
+        return run_models(specs, options)
 
     def process_model(self, model_id: str) -> ModelResult:
         """Process one model; raises ``RuntimeError`` naming the reason when it fails."""
@@ -82,6 +115,7 @@ class BatchInferenceManager:
     """Processes many models (all 10 published ones by default), reporting failures and carrying on."""
 
     def __init__(self, hf_token: str | None = None, base_folder: str | None = None, **options) -> None:
+        """``options`` are :class:`BatchInferenceProcessor`'s."""
         self.hf_token = hf_token
         self.processor = BatchInferenceProcessor(hf_token, base_folder, **options)
         self.target_models = list(TARGET_MODELS)
@@ -97,7 +131,7 @@ class BatchInferenceManager:
                 results.append(ModelResult(model_id, "", ok=False, error=str(exc)))
         try:
             results += self.processor.run(specs) if specs else []
-        except SetupError as exc:
+        except RqvaeRayError as exc:
             print(f"❌ {exc}")
             return results + [ModelResult(s.model_id, s.dataset, ok=False, error=str(exc)) for s in specs]
         for result in results:

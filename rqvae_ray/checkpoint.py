@@ -70,6 +70,12 @@ class ModelWeights:
         return int(self.codebooks[0].shape[1])
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the weights in memory."""
+        arrays = [a for layer in self.layers for a in (layer.weight, layer.bias)] + list(self.codebooks)
+        return sum(a.nbytes for a in arrays)
+
+    @property
     def codebook_sizes(self) -> tuple[int, ...]:
         return tuple(int(c.shape[0]) for c in self.codebooks)
 

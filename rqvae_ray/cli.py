@@ -4,37 +4,38 @@ from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.errors import RayConnectionLost, RqvaeRayError
 from rqvae_ray.model_ids import DEFAULT_MODELS, split_model_ids
-from rqvae_ray.pipeline import ModelResult, RayConnectionLost
-from rqvae_ray.runner import SetupError, run_specs
+from rqvae_ray.options import RunOptions, check_setup
+from rqvae_ray.pipeline import ModelResult, run_models
+from rqvae_ray.plan import PoolMode, PoolSizing
+from rqvae_ray.progress import Progress
+from rqvae_ray.stores import HfHub, LocalHub
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
+# Positionals that are values, not model IDs: what `--force true` leaves behind.
+FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 app = typer.Typer(add_completion=False, help="Turn POI features into semantic IDs with RQ-VAE models on Ray.")
 
 
-class Dataset(str, Enum):
-    nyc = "nyc"
-    tky = "tky"
-
-
-class Format(str, Enum):
-    csv = "csv"
-    parquet = "parquet"
+def _flag(name: str, help: str):  # noqa: A002 - typer's own parameter name
+    """A boolean option shown as a plain flag (no value) in --help."""
+    return typer.Option(name, help=help, metavar="")
 
 
 def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
-def _table(results) -> str:
+def _table(results: list[ModelResult]) -> str:
     header = ("model", "status", "rows", "unique SIDs", "POIs sharing an SID", "seconds", "output / reason")
     rows = [
         (
@@ -67,30 +68,48 @@ def run(
     out_dir: Annotated[
         Path | None, typer.Option(help="Write outputs under this directory (default: upload to the Hub).")
     ] = None,
-    upload: Annotated[bool, typer.Option("--upload", help="Upload to the Hub even when --out-dir is given.")] = False,
-    dataset: Annotated[Dataset | None, typer.Option(help="Only run the models of this dataset.")] = None,
-    demo: Annotated[
-        bool, typer.Option("--demo", help=f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")
-    ] = False,
+    upload: Annotated[bool, _flag("--upload", "Upload to the Hub even when --out-dir is given.")] = False,
+    dataset: Annotated[str | None, typer.Option(help="Only run the models of this dataset (e.g. nyc).")] = None,
+    demo: Annotated[bool, _flag("--demo", f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
     dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+    pools: Annotated[
+        PoolMode,
+        typer.Option(
+            help="Actor pools: 'dataset' packs all models of a dataset into each actor (the batch is decoded once), "
+            "'model' gives each model its own pool (for models too large to share an actor or a GPU, or pools "
+            "sized apart), 'auto' packs unless the models' weights together exceed 2 GiB. Outputs are "
+            "byte-identical either way."
+        ),
+    ] = PoolMode.AUTO,
     batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 4096,
-    actors_per_model: Annotated[int | None, typer.Option(min=1, help="Fixed actor-pool size per model.")] = None,
-    min_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: fewest actors per model.")] = 1,
-    max_actors: Annotated[int, typer.Option(min=1, help="Autoscaling pool: most actors per model.")] = 1,
+    actors_per_pool: Annotated[
+        int | None,
+        typer.Option(
+            "--actors-per-pool", "--actors-per-model", min=1, help="Fixed number of actors per pool (default: auto)."
+        ),
+    ] = None,
+    min_actors: Annotated[int | None, typer.Option(min=1, help="Autoscaling pool: fewest actors per pool.")] = None,
+    max_actors: Annotated[int | None, typer.Option(min=1, help="Autoscaling pool: most actors per pool.")] = None,
     cpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="CPUs reserved per encoder actor.")] = None,
-    gpus_per_model: Annotated[
-        float | None, typer.Option(min=0.0, help="GPUs per encoder actor, fractional allowed (default: auto).")
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-actor",
+            "--gpus-per-model",
+            min=0.0,
+            help="GPUs per encoder actor, fractional allowed (default: share the cluster's GPUs).",
+        ),
     ] = None,
     base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
-    output_format: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.csv,
-    force: Annotated[bool, typer.Option("--force", help="Redo outputs that are already up to date.")] = False,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Output file format.")] = OutputFormat.CSV,
+    force: Annotated[bool, _flag("--force", "Redo outputs that are already up to date.")] = False,
     dedup: Annotated[
-        bool, typer.Option("--dedup", help="Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
+        bool, _flag("--dedup", "Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
     ] = False,
     sid_tokens: Annotated[
-        bool, typer.Option("--sid-tokens", help="Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
+        bool, _flag("--sid-tokens", "Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
     ] = False,
     actor_wait_s: Annotated[
         float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
@@ -99,61 +118,63 @@ def run(
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
     ] = None,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    debug: Annotated[bool, _flag("--debug", "Show tracebacks.")] = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
+    values = [m for m in model_ids or [] if m.strip().lower() in FLAG_VALUES]
+    if values:
+        _err(f"{values[0]!r} is not a model ID: flags take no value (write --force, not --force {values[0]})")
+        raise typer.Exit(2)
     specs, bad_ids = split_model_ids(model_ids or list(DEFAULT_MODELS))
     for reason in bad_ids.values():
         _err(f"invalid model ID {reason}")
     if not specs:
         raise typer.Exit(2)
     if dataset is not None:
-        specs = [s for s in specs if s.dataset == dataset.value]
+        specs = [s for s in specs if s.dataset == dataset]
         if not specs:
-            _err(f"no requested model is a {dataset.value} model")
+            _err(f"no requested model is a {dataset} model")
             raise typer.Exit(2)
-    if actors_per_model is not None:
-        min_actors = max_actors = actors_per_model
-    if min_actors > max_actors:
+    if actors_per_pool is not None:
+        min_actors = max_actors = actors_per_pool
+    if min_actors is not None and max_actors is not None and min_actors > max_actors:
         _err(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
         raise typer.Exit(2)
     if demo:
         hub_dir = hub_dir or DEMO_HUB
         out_dir = out_dir or DEMO_OUT
     try:
-        results = run_specs(
-            specs,
-            hub_dir=hub_dir,
-            out_dir=out_dir,
+        if demo and not hub_dir.exists():
+            from rqvae_ray.demo import build_demo_hub
+
+            typer.echo(f"building the demo hub in {hub_dir} ...")
+            build_demo_hub(hub_dir, progress=typer.echo)
+        options = RunOptions(
+            hub=HfHub(revision, dataset_revision) if hub_dir is None else LocalHub(hub_dir),
+            out_dir=None if out_dir is None else str(out_dir.resolve()),
             upload=upload or out_dir is None,
-            build_demo=demo,
-            revision=revision,
-            dataset_revision=dataset_revision,
-            address=address,
-            progress=typer.echo,
-            batch_size=batch_size,
-            min_actors=min_actors,
-            max_actors=max_actors,
-            cpus_per_actor=cpus_per_actor,
-            gpus_per_model=gpus_per_model,
             base_folder=base_folder,
-            fmt=output_format.value,
-            force=force,
-            dedup=dedup,
-            sid_tokens=sid_tokens,
+            output=OutputSpec(output_format, dedup, sid_tokens),
+            pools=PoolSizing(pools, min_actors, max_actors, cpus_per_actor, gpus_per_actor),
+            batch_size=batch_size,
             actor_wait_s=actor_wait_s,
+            address=address,
+            force=force,
             upload_retries=upload_retries,
         )
-    except SetupError as exc:
+        check_setup(options)
+    except RqvaeRayError as exc:
         _err(str(exc))
         raise typer.Exit(2) from None
+    try:
+        results = run_models(specs, options, Progress(typer.echo))
     except (KeyboardInterrupt, RayConnectionLost) as exc:
         lost = isinstance(exc, RayConnectionLost)
         _err(str(exc) if lost else "interrupted; finished outputs are kept, unfinished ones were not published")
         sys.stderr.flush()
         sys.stdout.flush()
         # Exit at once: a normal shutdown would race the dataset threads still inside Ray calls. Ray's local
-        # processes and this run's actors end with the driver; staged files are cleaned up by the next run.
+        # processes and this run's actors end with the driver; partial files are cleaned up by the next run.
         os._exit(1 if lost else 130)
     except Exception as exc:
         if debug:
@@ -179,7 +200,7 @@ def run(
 
 def _report(results: list[ModelResult], folder: Path | None) -> None:
     """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
-    from rqvae_ray.report import ReportError, draw_quality_png, quality_table, write_quality_json
+    from rqvae_ray.report import draw_quality_png, quality_table, write_quality_json
 
     reports = {r.model_id: r.quality for r in results if r.ok and r.quality}
     if not reports:
@@ -190,7 +211,7 @@ def _report(results: list[ModelResult], folder: Path | None) -> None:
     try:
         json_path = write_quality_json(folder / "sid_quality.json", reports)
         png_path = draw_quality_png(folder / "sid_quality.png", reports)
-    except (ReportError, OSError) as exc:
+    except RqvaeRayError as exc:
         _err(f"warning: the quality report was not written ({exc})")
         return
     typer.echo(f"quality report: {json_path} and {png_path}")

@@ -1,4 +1,4 @@
-"""The Ray Data UDF: one actor pool per model; each actor loads its frozen model once and encodes batches.
+"""Where SIDs are computed: the Ray Data UDF whose actors hold one or more frozen models and encode each batch.
 
 Kept lean on purpose: CPU actors import numpy and pyarrow only (torch only when Ray assigned a GPU).
 """
@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from rqvae_ray.encoder import Encoder, make_encoder
+from rqvae_ray.checkpoint import ModelWeights
+from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
+from rqvae_ray.encoder import Encoder, SparseRows, make_encoder
+from rqvae_ray.errors import DatasetError, InputDimensionError
 from rqvae_ray.features import rows_from_table
 from rqvae_ray.formatting import SidText, arrow_columns, csv_lines, sid_tokens
 from rqvae_ray.sid_stats import pack_codes
@@ -15,39 +18,59 @@ from rqvae_ray.sid_stats import pack_codes
 INPUT_COLUMNS = ("indices", "values", "features")
 
 
-class EncodeBatches:
-    """Callable class for ``Dataset.map_batches``: appends one model's columns to each batch."""
+class _Model:
+    """One model inside an actor: its encoder, its slot in the blocks, and its per-SID text cache."""
 
-    def __init__(self, weights_ref: list, column: str, fmt: str, drop_inputs: bool, dedup: bool, tokens: bool) -> None:
+    def __init__(self, model_id: str, slot: int, weights: ModelWeights, gpu_ids: list, spec: OutputSpec) -> None:
+        self.model_id = model_id
+        self.slot = ModelSlot(slot)
+        self.encoder: Encoder = make_encoder(weights, gpu_ids)
+        self.text = SidText(self.encoder.vectors, spec.sid_tokens) if spec.fmt is OutputFormat.CSV else None
+
+    def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
+        codes, vectors = self.encoder.encode(rows)
+        packed = pack_codes(codes, self.encoder.weights.codebook_sizes)
+        sid = pa.array(packed)
+        if self.text is not None:
+            parts = self.text.csv_parts(pids, codes, packed)
+            if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
+                return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
+            return EncodedColumns(sid, lines=csv_lines(parts))
+        columns = arrow_columns(pids, codes, vectors)
+        tokens = sid_tokens(codes) if spec.sid_tokens else None
+        return EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
+
+
+class EncodeModels:
+    """Callable class for ``Dataset.map_batches``: encodes each batch with every model it holds.
+
+    ``models`` are ``(model ID, slot, weights)``; the output block holds ``Pid`` and each model's columns, plus the
+    input columns when ``keep_inputs`` (a later pool in a chain of per-model pools still needs them).
+    """
+
+    def __init__(
+        self, repo: str, models: list[tuple[str, int, ModelWeights]], spec: OutputSpec, keep_inputs: bool
+    ) -> None:
         import ray
 
-        weights = ray.get(weights_ref[0])
-        self.encoder: Encoder = make_encoder(weights, ray.get_gpu_ids())
-        self.column = column
-        self.fmt = fmt
-        self.drop_inputs = drop_inputs
-        self.dedup = dedup
-        self.tokens = tokens
-        self.text = SidText(self.encoder.vectors, tokens)
+        gpu_ids = ray.get_gpu_ids()
+        self.repo = repo
+        self.spec = spec
+        self.keep_inputs = keep_inputs
+        self.models = [_Model(model_id, slot, weights, gpu_ids, spec) for model_id, slot, weights in models]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        codes, vectors = self.encoder.encode(rows_from_table(batch))
+        try:
+            rows = rows_from_table(batch)
+        except DatasetError as exc:
+            raise DatasetError(self.repo, exc.reason) from None
         pids = batch.column("Pid").to_numpy()
-        sizes = self.encoder.weights.codebook_sizes
-        packed = pack_codes(codes, sizes)
-        batch = batch.append_column(f"{self.column}.sid", pa.array(packed))
-        if self.fmt == "csv":
-            parts = self.text.csv_parts(pids, codes, packed)
-            if self.dedup:  # the writer adds the dedup codes once every SID is counted
-                columns = parts
-            else:
-                columns = {"csv": csv_lines(parts)}
-        else:
-            columns = {k.lower(): v for k, v in arrow_columns(pids, codes, vectors).items() if k != "Pid"}
-            if self.tokens:
-                columns["tokens"] = sid_tokens(codes)
-        for name, values in columns.items():
-            batch = batch.append_column(f"{self.column}.{name}", values)
-        if self.drop_inputs:
-            batch = batch.drop_columns([c for c in INPUT_COLUMNS if c in batch.column_names])
-        return batch
+        for model in self.models:
+            try:
+                encoded = model.encode(rows, pids, self.spec)
+            except InputDimensionError as exc:
+                raise DatasetError(self.repo, f"{exc} of {model.model_id}; the features do not fit the model") from None
+            batch = model.slot.attach(batch, encoded)
+        if self.keep_inputs:
+            return batch
+        return batch.drop_columns([c for c in INPUT_COLUMNS if c in batch.column_names])

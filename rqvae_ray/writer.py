@@ -1,29 +1,30 @@
-"""The final writer: appends each model's ordered, pre-formatted parts to a staged file, validates, then publishes.
+"""Where rows are ordered and files are published: the final writer.
 
-One writer serves one dataset. Blocks arrive in Pid order; the writer checks that Pids run 1..N without gaps and
-that every code fits its codebook, counts SIDs as it goes (memory bounded by the codebook sizes) and hashes the bytes
-it writes. Only a complete, validated file is renamed into place, so no partial output is ever visible. It then
-records a manifest beside the outputs and, when asked, uploads the dataset's files to the Hub in one commit.
+:class:`DatasetWriter` writes every model's file of one dataset. Blocks arrive in Pid order; it checks that Pids run
+1..N without gaps and that every code fits its codebook, counts SIDs as it goes (memory bounded by the codebook
+sizes) and hashes the bytes it writes. Each file is written under a partial name beside its final name and renamed
+into place only when complete and validated, so no partial output is ever visible. It then records the manifest and,
+when asked, uploads the dataset's files to the Hub in one commit.
+
+:class:`FinalWriter` is the Ray actor that runs one :class:`DatasetWriter` per dataset of a run, on the driver's node.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import json
 import os
 import shutil
-import socket
 import tempfile
-import time
-import uuid
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from rqvae_ray import __version__
+from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
 from rqvae_ray.errors import OutputError, UploadError
 from rqvae_ray.formatting import (
     CSV_HEADER,
@@ -33,10 +34,17 @@ from rqvae_ray.formatting import (
     with_dedup_codes,
     with_dedup_tokens,
 )
+from rqvae_ray.outputs import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestEntry,
+    Provenance,
+    output_dir,
+    partial_path,
+    remove_stale_partials,
+    utc_now,
+)
 from rqvae_ray.sid_stats import SidCounter
-
-STAGING_DIR = ".rqvae_ray-staging"
-MANIFEST_FILE = "rqvae_ray-manifest.json"
 
 
 @dataclass(frozen=True)
@@ -44,128 +52,18 @@ class ModelTarget:
     """What the writer needs to know about one model's output."""
 
     model_id: str
-    column: str  # prefix of this model's columns in the blocks
-    filename: str  # e.g. codebooks-<model>.csv
+    slot: int  # where this model's columns are in the blocks
+    filename: str  # codebooks-<model>.<csv|parquet>
     codebook_sizes: tuple[int, ...]
-    provenance: dict = field(default_factory=dict)  # checkpoint/features sha256 and revisions
+    provenance: Provenance
 
 
-def output_dir(root: Path, repo: str, base_folder: str) -> Path:
-    """``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files``."""
-    return root / "datasets" / repo / base_folder / "Intermediate Files"
+@dataclass(frozen=True)
+class Published:
+    """One published file: its manifest entry and where it is."""
 
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest in ``folder`` (empty when absent or unreadable)."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
-        return {"models": {}}
-    return manifest if isinstance(manifest.get("models"), dict) else {"models": {}}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    staged.write_bytes(data)
-    os.replace(staged, path)
-
-
-class _Sink:
-    """One model's staged output file.
-
-    With ``dedup`` the rows first go to a spool file (Arrow IPC, on disk) while every SID is counted; closing the
-    sink then streams the spool once more, adding each shared SID's extra code in Pid order.
-    """
-
-    def __init__(self, target: ModelTarget, staged: Path, fmt: str, dedup: bool, tokens: bool) -> None:
-        self.target = target
-        self.staged = staged
-        self.fmt = fmt
-        self.dedup = dedup
-        self.tokens = tokens
-        self.digest = hashlib.sha256()
-        self.counter = SidCounter(target.codebook_sizes)
-        self.closed = False
-        self._parquet = None
-        self._spool = None
-        self._spool_path = staged.with_name(staged.name + ".spool")
-        # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
-        self._handle = _HashingFile(staged, self.digest) if fmt == "csv" else None
-        if self._handle is not None:
-            self._handle.write(CSV_HEADER_WITH_SID if tokens else CSV_HEADER)
-
-    def append(self, block: pa.Table) -> None:
-        prefix = f"{self.target.column}."
-        sids = block.column(prefix + "sid").to_numpy()
-        if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
-            raise OutputError(f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected")
-        self.counter.add(sids)
-        columns = {"Pid": block.column("Pid")}
-        columns.update(
-            {name[len(prefix) :]: block.column(name) for name in block.column_names if name.startswith(prefix)}
-        )
-        table = pa.table(columns)
-        if not self.dedup:
-            self._emit(table, None)
-            return
-        if self._spool is None:
-            self._spool = pa.ipc.new_file(self._spool_path, table.schema)
-        self._spool.write_table(table)
-
-    def _emit(self, table: pa.Table, extra: np.ndarray | None) -> None:
-        if self.fmt == "csv":
-            if extra is None and "csv" in table.column_names:
-                self._handle.write(string_bytes(table.column("csv")))
-                return
-            parts = {k: table.column(k).combine_chunks() for k in ("head", "tail", "tokens") if k in table.column_names}
-            self._handle.write(string_bytes(csv_lines(parts, extra, len(self.target.codebook_sizes))))
-            return
-        import pyarrow.parquet as pq
-
-        codebook, columns = table.column("codebook"), {"Pid": table.column("Pid")}
-        columns["Codebook"] = codebook if extra is None else with_dedup_codes(codebook, extra)
-        columns["Vector"] = table.column("vector")
-        if self.tokens:
-            tokens = table.column("tokens").combine_chunks()
-            levels = len(self.target.codebook_sizes)
-            columns["SID"] = tokens if extra is None else with_dedup_tokens(tokens, extra, levels)
-        out = pa.table(columns)
-        if self._parquet is None:
-            self._handle = _HashingFile(self.staged, self.digest)
-            # Dictionary encoding is retried for every row group and costs ~8x the CPU of the plain encoding on
-            # the float Vector column, for a larger file; only the SID strings repeat enough to gain from it.
-            dictionary = ["SID"] if self.tokens else False
-            self._parquet = pq.ParquetWriter(self._handle, out.schema, use_dictionary=dictionary)
-        self._parquet.write_table(out)
-
-    def _replay_spool(self) -> None:
-        if self._spool is None:
-            return
-        self._spool.close()
-        with pa.memory_map(str(self._spool_path)) as source:
-            reader = pa.ipc.open_file(source)
-            for index in range(reader.num_record_batches):
-                table = pa.Table.from_batches([reader.get_batch(index)])
-                self._emit(table, self.counter.dedup_codes(table.column("sid").to_numpy()))
-        self._spool_path.unlink()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._replay_spool()
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._handle is not None:
-            self._handle.close()  # flushes and fsyncs; Parquet may have closed it already, which is harmless
+    entry: ManifestEntry
+    path: str
 
 
 class _HashingFile(io.RawIOBase):
@@ -198,10 +96,127 @@ class _HashingFile(io.RawIOBase):
         super().close()
 
 
-class DatasetWriter:
-    """Writes every model's output of one dataset; runs as the final Ray actor (or in-process).
+class _Sink:
+    """One model's partial output file.
 
-    ``out_dir`` None means upload-only: files are staged under a private temporary directory on this node, which is
+    With dedup the rows first go to a spool file (Arrow IPC, on disk) while every SID is counted; closing the sink
+    then streams the spool once more, adding each shared SID's extra code in Pid order.
+    """
+
+    def __init__(self, target: ModelTarget, final: Path, spec: OutputSpec) -> None:
+        self.target = target
+        self.slot = ModelSlot(target.slot)
+        self.final = final
+        self.partial = partial_path(final)
+        self.spec = spec
+        self.digest = hashlib.sha256()
+        self.counter = SidCounter(target.codebook_sizes)
+        self.closed = False
+        self._parquet = None
+        self._spool = None
+        self._spool_path = partial_path(final, "spool")
+        # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
+        self._handle = _HashingFile(self.partial, self.digest)
+        if spec.fmt is OutputFormat.CSV:
+            self._handle.write(CSV_HEADER_WITH_SID if spec.sid_tokens else CSV_HEADER)
+
+    def append(self, block: pa.Table) -> None:
+        encoded = self.slot.read(block)
+        sids = encoded.sid.to_numpy()
+        if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
+            raise OutputError(
+                f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected",
+                path=str(self.final),
+            )
+        self.counter.add(sids)
+        if not self.spec.dedup:
+            self._emit(block.column("Pid"), encoded, None)
+            return
+        parts = {name: value for name, value in vars(encoded).items() if value is not None}
+        table = pa.table({"Pid": block.column("Pid"), **parts})
+        if self._spool is None:
+            self._spool = pa.ipc.new_file(self._spool_path, table.schema)
+        self._spool.write_table(table)
+
+    def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, extra: np.ndarray | None) -> None:
+        levels = len(self.target.codebook_sizes)
+        if self.spec.fmt is OutputFormat.CSV:
+            if encoded.lines is not None:
+                self._handle.write(string_bytes(encoded.lines))
+                return
+            parts = {
+                k: _whole(v)
+                for k, v in (("head", encoded.head), ("tail", encoded.tail), ("tokens", encoded.tokens))
+                if v is not None
+            }
+            self._handle.write(string_bytes(csv_lines(parts, extra, levels)))
+            return
+        import pyarrow.parquet as pq
+
+        columns = {
+            "Pid": pids,
+            "Codebook": encoded.codebook if extra is None else with_dedup_codes(encoded.codebook, extra),
+            "Vector": encoded.vector,
+        }
+        if self.spec.sid_tokens:
+            tokens = _whole(encoded.tokens)
+            columns["SID"] = tokens if extra is None else with_dedup_tokens(tokens, extra, levels)
+        out = pa.table(columns)
+        if self._parquet is None:
+            # Dictionary encoding is retried for every row group and costs ~8x the CPU of the plain encoding on
+            # the float Vector column, for a larger file; only the SID strings repeat enough to gain from it.
+            dictionary = ["SID"] if self.spec.sid_tokens else False
+            self._parquet = pq.ParquetWriter(self._handle, out.schema, use_dictionary=dictionary)
+        self._parquet.write_table(out)
+
+    def _replay_spool(self) -> None:
+        if self._spool is None:
+            return
+        self._spool.close()
+        with pa.memory_map(str(self._spool_path)) as source:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                encoded = EncodedColumns(**{name: batch.column(name) for name in batch.schema.names if name != "Pid"})
+                self._emit(batch.column("Pid"), encoded, self.counter.dedup_codes(encoded.sid.to_numpy()))
+        self._spool_path.unlink()
+
+    def close(self) -> None:
+        """Finish the partial file (flushed and fsynced)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._replay_spool()
+        if self._parquet is not None:
+            self._parquet.close()
+        self._handle.close()  # Parquet may have closed it already, which is harmless
+
+    def discard(self) -> None:
+        """Close and delete the partial files."""
+        try:
+            self.close()
+        except (OSError, ValueError, pa.ArrowException):
+            pass
+        for path in (self.partial, self._spool_path):
+            path.unlink(missing_ok=True)
+
+
+def _unwritable(exc: OSError, folder: Path) -> OutputError:
+    """One line for an output folder that cannot be written, saying read-only where it is."""
+    where = exc.filename or folder
+    read_only = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    why = f"{exc.strerror}: it is read-only for this process" if read_only else exc.strerror
+    return OutputError(f"cannot write in {where} ({why}); choose a writable --out-dir", path=str(where))
+
+
+def _whole(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+class DatasetWriter:
+    """Writes every model's output of one dataset (in the :class:`FinalWriter` actor, or in-process).
+
+    ``out_dir`` None means upload-only: files are written under a private temporary directory on this node, which is
     removed after a successful upload and kept (and named in the error) when the upload fails.
     """
 
@@ -211,30 +226,22 @@ class DatasetWriter:
         targets: list[ModelTarget],
         out_dir: str | None,
         base_folder: str,
-        fmt: str,
+        spec: OutputSpec,
         num_pois: int,
-        dedup: bool = False,
-        tokens: bool = False,
     ) -> None:
         self.repo = repo
-        self.targets = targets
-        self.base_folder = base_folder
-        self.fmt = fmt
+        self.spec = spec
         self.num_pois = num_pois
+        self.base_folder = base_folder
         self.temporary = out_dir is None
         self.root = Path(tempfile.mkdtemp(prefix="rqvae_ray-out-")) if out_dir is None else Path(out_dir)
-        self.final_dir = output_dir(self.root, repo, base_folder)
-        self.staging = self.root / STAGING_DIR / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        self.folder = output_dir(self.root, repo, base_folder)
         try:
-            self.final_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_staging(self.staging.parent)
-            self.staging.mkdir(parents=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(self.folder)
+            self.sinks = [_Sink(target, self.folder / target.filename, spec) for target in targets]
         except OSError as exc:
-            raise OutputError(
-                f"cannot create output directory {exc.filename}: {exc.strerror}; choose a writable --out-dir"
-            ) from None
-        self.sinks = [_Sink(t, self.staging / t.filename, fmt, dedup, tokens) for t in targets]
-        self.dedup, self.tokens = dedup, tokens
+            raise _unwritable(exc, self.folder) from None
         self.next_pid = 1
         self.published: list[Path] = []
 
@@ -247,44 +254,48 @@ class DatasetWriter:
         pids = block.column("Pid").to_numpy()
         expected = np.arange(self.next_pid, self.next_pid + len(pids), dtype=np.int64)
         if not np.array_equal(pids, expected):
-            raise OutputError(f"{self.repo}: rows arrived out of Pid order (expected Pid {self.next_pid} next)")
+            row = int(np.flatnonzero(pids != expected)[0])
+            raise OutputError(
+                f"{self.repo}: rows arrived out of Pid order (Pid {int(pids[row])} where {int(expected[row])} was "
+                "expected); the input's Pids must run 1..N in order"
+            )
         for sink in self.sinks:
             sink.append(block)
         self.next_pid += len(pids)
         return self.next_pid - 1
 
-    def finish(self) -> list[dict]:
-        """Validate every staged file, rename it into place and update the manifest; one result per model."""
+    def finish(self) -> list[Published]:
+        """Validate every file, rename it into place and update the manifest; one result per model."""
         for sink in self.sinks:
             sink.close()
         if self.next_pid - 1 != self.num_pois:
             self.abort()
             raise OutputError(f"{self.repo}: wrote {self.next_pid - 1} rows but the dataset has {self.num_pois} POIs")
-        manifest = read_manifest(self.final_dir)
+        manifest = Manifest.read(self.folder, self.repo)
         results = []
         for sink in self.sinks:
-            final = self.final_dir / sink.target.filename
-            os.replace(sink.staged, final)
-            self.published.append(final)
-            entry = {
-                "model_id": sink.target.model_id,
-                "file": sink.target.filename,
-                "format": self.fmt,
-                "dedup": self.dedup,
-                "sid_tokens": self.tokens,
-                "rows": sink.counter.rows,
-                "sha256": sink.digest.hexdigest(),
-                "tool_version": __version__,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **sink.target.provenance,
-                "sid_stats": sink.counter.summary(),
-            }
-            manifest["models"][sink.target.model_id] = entry
-            results.append({**entry, "path": str(final)})
-        manifest.update({"tool": "rqvae_ray", "dataset": self.repo})
-        _atomic_write(self.final_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        shutil.rmtree(self.staging, ignore_errors=True)
-        _remove_if_empty(self.staging.parent)
+            try:
+                os.replace(sink.partial, sink.final)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot publish {sink.final}: {exc.strerror}; check the folder's permissions", path=str(sink.final)
+                ) from None
+            self.published.append(sink.final)
+            entry = ManifestEntry(
+                file=sink.target.filename,
+                model_id=sink.target.model_id,
+                format=self.spec.fmt.value,
+                dedup=self.spec.dedup,
+                sid_tokens=self.spec.sid_tokens,
+                rows=sink.counter.rows,
+                sha256=sink.digest.hexdigest(),
+                written_at=utc_now(),
+                sid_stats=sink.counter.summary(),
+                **vars(sink.target.provenance),
+            )
+            manifest.entries[entry.file] = entry
+            results.append(Published(entry, str(sink.final)))
+        manifest.write()
         return results
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:
@@ -292,47 +303,69 @@ class DatasetWriter:
         from rqvae_ray.upload import commit_files
 
         prefix = f"{self.base_folder}/Intermediate Files"
-        files = [(path, f"{prefix}/{path.name}") for path in [*self.published, self.final_dir / MANIFEST_FILE]]
+        files = [(path, f"{prefix}/{path.name}") for path in [*self.published, self.folder / MANIFEST_FILE]]
         try:
             oid = commit_files(self.repo, files, message, retries=retries, backoff_s=backoff_s)
         except UploadError as exc:
-            raise UploadError(f"{exc}; the finished files are kept in {self.final_dir}", repo=self.repo) from None
+            raise UploadError(f"{exc}; the finished files are kept in {self.folder}", repo=self.repo) from None
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
         return oid
 
     def abort(self) -> None:
-        """Drop every staged (unpublished) file."""
+        """Drop every unpublished file."""
         for sink in self.sinks:
-            try:
-                sink.close()
-            except (OSError, ValueError):
-                pass
-        shutil.rmtree(self.staging, ignore_errors=True)
-        _remove_if_empty(self.staging.parent)
+            sink.discard()
         if self.temporary and not self.published:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _remove_stale_staging(staging_root: Path) -> None:
-    """Delete staging folders left by writers on this host that no longer run (e.g. after SIGKILL)."""
-    if not staging_root.is_dir():
-        return
-    host = socket.gethostname()
-    for folder in staging_root.iterdir():
-        parts = folder.name.rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass
+class FinalWriter:
+    """The final Ray actor of a run: one :class:`DatasetWriter` per dataset, blocks applied in sequence order.
 
+    It runs threaded (one thread per dataset, so that datasets write side by side); the driver numbers each
+    dataset's blocks, and a block that arrives before its predecessor waits here until they are written.
+    """
 
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+    def __init__(self) -> None:
+        self._writers: dict[str, DatasetWriter] = {}
+        self._early: dict[str, dict[int, tuple[pa.Table, tuple[int, int] | None]]] = {}
+        self._next: dict[str, int] = {}
+        self._locks: dict[str, threading.Lock] = {}
+
+    def open(
+        self,
+        repo: str,
+        targets: list[ModelTarget],
+        out_dir: str | None,
+        base_folder: str,
+        spec: OutputSpec,
+        num_pois: int,
+    ) -> None:
+        self._writers[repo] = DatasetWriter(repo, targets, out_dir, base_folder, spec, num_pois)
+        self._early[repo], self._next[repo], self._locks[repo] = {}, 0, threading.Lock()
+
+    def write(self, repo: str, seq: int, block: pa.Table, span: tuple[int, int] | None) -> int:
+        """Write block number ``seq`` of ``repo`` (and the ones it held back); returns the rows written so far."""
+        with self._locks[repo]:
+            writer, early = self._writers[repo], self._early[repo]
+            early[seq] = (block, span)
+            while self._next[repo] in early:
+                writer.write(*early.pop(self._next[repo]))
+                self._next[repo] += 1
+            return writer.next_pid - 1
+
+    def finish(self, repo: str) -> list[Published]:
+        with self._locks[repo]:
+            if self._early[repo]:
+                raise OutputError(f"{repo}: {len(self._early[repo])} block(s) never got their predecessors written")
+            return self._writers[repo].finish()
+
+    def upload(self, repo: str, message: str, retries: int, backoff_s: float) -> str:
+        return self._writers[repo].upload(message, retries, backoff_s)
+
+    def abort(self, repo: str) -> None:
+        writer = self._writers.get(repo)
+        if writer is not None:
+            with self._locks[repo]:
+                writer.abort()

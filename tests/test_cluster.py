@@ -251,7 +251,11 @@ import ray
 from ray.cluster_utils import Cluster
 
 from rqvae_ray.model_ids import parse_model_ids
-from rqvae_ray.runner import run_specs
+from rqvae_ray.options import RunOptions
+from rqvae_ray.pipeline import run_models
+from rqvae_ray.plan import PoolMode, PoolSizing
+from rqvae_ray.progress import Progress
+from rqvae_ray.stores import LocalHub
 
 
 def free_port():
@@ -281,20 +285,25 @@ try:
     ray.init(address=cluster.address, log_to_driver=False)
     events, loaded = [], set()
 
-    def progress(message):
-        events.append(message)
-        print("progress:", message, flush=True)
-        model_id = message.split(": ", 1)[0]
-        if model_id in model_ids and "checkpoint" in message:
-            loaded.add(model_id)
-            if loaded == set(model_ids):
-                # The driver has read everything it needs; from now on no process can read the hub.
-                shutil.rmtree(hub)
-                events.append("HUB REMOVED")
+    class Recorder(Progress):
+        def note(self, message):
+            events.append(message)
+            print("progress:", message, flush=True)
+            model_id = message.split(": ", 1)[0]
+            if model_id in model_ids and "checkpoint" in message:
+                loaded.add(model_id)
+                if loaded == set(model_ids):
+                    # The driver has read everything it needs; from now on no process can read the hub.
+                    shutil.rmtree(hub)
+                    events.append("HUB REMOVED")
 
-    results = run_specs(
-        parse_model_ids(model_ids), hub_dir=hub, out_dir=out, upload=False, progress=progress, gpus_per_model=1.0
-    )
+        def dataset_finished(self, repo, pois, models):
+            self.note(f"{repo}: {pois} POIs written for {models} models")
+
+    # Both models packed into each of two actors of one GPU each.
+    sizing = PoolSizing(PoolMode.DATASET, min_actors=2, max_actors=2, gpus_per_actor=1.0)
+    options = RunOptions(hub=LocalHub(hub), out_dir=out, pools=sizing, batch_size=1024)
+    results = run_models(parse_model_ids(model_ids), options, Recorder())
     from ray.util.state import list_actors
 
     # An explicit address: without one the state API picks "the latest" of all Rays running on this machine.
@@ -363,13 +372,13 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
     removed = events.index("HUB REMOVED")
     assert any("POIs written" in e for e in events[removed + 1 :]), events
 
-    # One encoder actor per model, each holding one (fake) GPU, on two different GPU nodes; the writer stays with
-    # the driver on the head.
-    encoders = [a for a in report["actors"] if "EncodeBatches" in a["class_name"]]
-    assert len(encoders) == len(models), report["actors"]
+    # Two encoder actors, each holding both models and one (fake) GPU, on two different GPU nodes; the writer stays
+    # with the driver on the head.
+    encoders = [a for a in report["actors"] if "EncodeModels" in a["class_name"]]
+    assert len(encoders) == 2, report["actors"]
     assert all(a["resources"].get("GPU") == 1.0 for a in encoders), encoders
     assert sorted(a["node_id"] for a in encoders) == sorted(report["gpu_nodes"]), (encoders, report)
-    writers = [a for a in report["actors"] if a["class_name"] == "DatasetWriter"]
+    writers = [a for a in report["actors"] if a["class_name"] == "FinalWriter"]
     assert writers and {a["node_id"] for a in writers} == {report["head_node"]} == {report["driver_node"]}
 
     assert_same_bytes_as_demo_run(out, demo_out, models)
@@ -415,7 +424,7 @@ def test_a_pool_that_cannot_start_fails_in_bounded_time(impossible_pool):
     (line,) = error_lines(proc, NYC_A)
     assert "actor" in line.lower(), line  # the reason is about the encoder actors that never started
     assert written_csvs(out) == []
-    assert not list(out.rglob(".rqvae_ray-staging/*")), "staged files were left behind"
+    assert not list(out.rglob("*.partial")), "partial files were left behind"
 
 
 @pytest.mark.timeout(300, method="signal")
@@ -424,6 +433,6 @@ def test_a_pool_that_cannot_start_says_what_it_asked_for_and_what_to_change(impo
     (line,) = error_lines(proc, NYC_A)
     # What the actors asked for, that no node offers it, and which options change that.
     assert "1 GPU" in line and "no node" in line, line
-    assert "--gpus-per-model" in line and "--actor-wait-s" in line, line
+    assert "--gpus-per-actor" in line and "--actor-wait-s" in line, line
     # A configuration problem, not a Ray bug: no traceback, no invitation to report an issue to Ray.
     assert "Traceback" not in proc.stderr and "open an issue" not in proc.stderr, proc.stderr[-3000:]

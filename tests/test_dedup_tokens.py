@@ -12,7 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_ids
-from rqvae_ray.pipeline import RunOptions, run_models
+from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.options import RunOptions
+from rqvae_ray.pipeline import run_models
+from rqvae_ray.plan import PoolMode, PoolSizing
+from rqvae_ray.progress import Quiet
 from rqvae_ray.sid_stats import SidCounter, pack_codes
 from rqvae_ray.stores import LocalHub
 
@@ -44,9 +48,9 @@ def expected_dedup(codes: list[list[int]]) -> list[list[int]]:
     return result
 
 
-def _run(hub, out, **kwargs):
-    options = RunOptions(hub=LocalHub(hub), out_dir=str(out), **kwargs)
-    results = run_models(SPECS, options, progress=lambda _: None)
+def _run(hub, out, output: OutputSpec, **kwargs):
+    options = RunOptions(hub=LocalHub(hub), out_dir=str(out), output=output, **kwargs)
+    results = run_models(SPECS, options, Quiet())
     assert all(r.ok for r in results), [r.error for r in results]
     return results
 
@@ -54,14 +58,16 @@ def _run(hub, out, **kwargs):
 @pytest.fixture(scope="module")
 def dedup_runs(demo_hub, demo_run, local_ray, tmp_path_factory):
     runs = {}
-    for name, kwargs in {
-        "csv": {"dedup": True, "sid_tokens": True, "batch_size": 4096},
-        "csv_small_batches": {"dedup": True, "sid_tokens": True, "batch_size": 7, "min_actors": 2, "max_actors": 2},
-        "parquet": {"dedup": True, "sid_tokens": True, "fmt": "parquet"},
-        "tokens_only": {"sid_tokens": True},
-    }.items():
+    both = OutputSpec(dedup=True, sid_tokens=True)
+    for name, output, kwargs in (
+        ("csv", both, {"batch_size": 4096}),
+        ("csv_small_batches", both, {"batch_size": 7, "pools": PoolSizing(PoolMode.DATASET, 2, 2)}),
+        ("csv_model_pools", both, {"batch_size": 300, "pools": PoolSizing(PoolMode.MODEL)}),
+        ("parquet", OutputSpec(OutputFormat.PARQUET, dedup=True, sid_tokens=True), {}),
+        ("tokens_only", OutputSpec(sid_tokens=True), {}),
+    ):
         out = tmp_path_factory.mktemp(name)
-        _run(demo_hub, out, **kwargs)
+        _run(demo_hub, out, output, **kwargs)
         runs[name] = out
     return runs
 
@@ -82,11 +88,12 @@ def test_dedup_matches_independent_rule(dedup_runs, demo_run, spec):
         assert row[3] == "".join(f"<{LETTERS[i]}_{c}>" for i, c in enumerate(code))
 
 
-def test_dedup_is_batch_and_actor_invariant(dedup_runs):
+def test_dedup_is_batch_actor_and_plan_invariant(dedup_runs):
     for spec in SPECS:
         name = spec.csv_name
         a = (_folder(dedup_runs["csv"], spec) / name).read_bytes()
         assert a == (_folder(dedup_runs["csv_small_batches"], spec) / name).read_bytes()
+        assert a == (_folder(dedup_runs["csv_model_pools"], spec) / name).read_bytes()
 
 
 def test_parquet_dedup_equals_csv(dedup_runs):

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
-from rqvae_ray.pipeline import RunOptions, run_models
+from rqvae_ray.options import RunOptions
+from rqvae_ray.pipeline import run_models
+from rqvae_ray.plan import PoolMode, PoolSizing
+from rqvae_ray.progress import Quiet
 from rqvae_ray.stores import LocalHub
 from tests.conftest import run_cli
 from tests.reference import reference_sids
@@ -91,7 +94,7 @@ def test_checkpoints_and_state_dicts_unchanged_by_a_run(demo_hub, local_ray, tmp
     before = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     states = [torch.load(p, weights_only=True)["model_state_dict"] for p in paths]
     copies = [{k: v.clone() for k, v in s.items()} for s in states]
-    results = run_models(specs, RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path)), progress=lambda _: None)
+    results = run_models(specs, RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path)), Quiet())
     assert all(r.ok for r in results), [r.error for r in results]
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == before
     reloaded = [torch.load(p, weights_only=True)["model_state_dict"] for p in paths]
@@ -101,14 +104,25 @@ def test_checkpoints_and_state_dicts_unchanged_by_a_run(demo_hub, local_ray, tmp
             assert torch.equal(copy[key], state[key]) and torch.equal(copy[key], again[key])
 
 
-@pytest.mark.parametrize(("batch_size", "actors"), [(1, 1), (7, 2), (128, 1), (128, 2), (4096, 1)])
-def test_bytes_invariant_to_batch_size_and_actor_count(demo_run, demo_hub, local_ray, tmp_path, batch_size, actors):
+@pytest.mark.parametrize(
+    ("batch_size", "actors", "mode"),
+    [
+        (1, 1, PoolMode.DATASET),
+        (7, 2, PoolMode.MODEL),
+        (128, 1, PoolMode.MODEL),
+        (128, 2, PoolMode.DATASET),
+        (4096, 1, PoolMode.AUTO),
+    ],
+)
+def test_bytes_invariant_to_batch_size_actor_count_and_plan(
+    demo_run, demo_hub, local_ray, tmp_path, batch_size, actors, mode
+):
     out, _ = demo_run
-    specs = parse_model_ids([DEFAULT_MODELS[1], DEFAULT_MODELS[7]])
+    specs = parse_model_ids([DEFAULT_MODELS[1], DEFAULT_MODELS[2], DEFAULT_MODELS[7]])
     options = RunOptions(
-        hub=LocalHub(demo_hub), out_dir=str(tmp_path), batch_size=batch_size, min_actors=actors, max_actors=actors
+        hub=LocalHub(demo_hub), out_dir=str(tmp_path), batch_size=batch_size, pools=PoolSizing(mode, actors, actors)
     )
-    results = run_models(specs, options, progress=lambda _: None)
+    results = run_models(specs, options, Quiet())
     assert all(r.ok for r in results), [r.error for r in results]
     for spec in specs:
         assert output_path(tmp_path, spec).read_bytes() == output_path(out, spec).read_bytes()
@@ -151,6 +165,6 @@ def test_parquet_shards_give_the_same_bytes_as_the_pt_file(demo_run, demo_hub, l
     out, _ = demo_run
     spec = _parquet_hub(demo_hub, tmp_path / "hub", dense)
     options = RunOptions(hub=LocalHub(tmp_path / "hub"), out_dir=str(tmp_path / "out"), batch_size=500)
-    results = run_models([spec], options, progress=lambda _: None)
+    results = run_models([spec], options, Quiet())
     assert results[0].ok, results[0].error
     assert output_path(tmp_path / "out", spec).read_bytes() == output_path(out, spec).read_bytes()

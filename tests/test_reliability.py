@@ -20,7 +20,8 @@ import torch
 
 from rqvae_ray.demo import fit_checkpoint, nyc_features, tky_features, write_dataset
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
-from rqvae_ray.pipeline import RunOptions, run_models
+from rqvae_ray.options import RunOptions
+from rqvae_ray.pipeline import run_models
 from rqvae_ray.stores import LocalHub
 from tests.conftest import REPO, run_cli
 
@@ -134,7 +135,7 @@ def test_bad_input_catalogue(bad_hub, tmp_path):
     assert published == ["codebooks-rqvae-nyc-ok.csv", "rqvae_ray-manifest.json", "sid_quality.json", "sid_quality.png"]
     good_csv = next(out.rglob("codebooks-rqvae-nyc-ok.csv"))
     assert len(good_csv.read_text().splitlines()) == N + 1
-    assert not list(out.rglob(".rqvae_ray-staging/*"))
+    assert not list(out.rglob("*.partial"))
 
 
 def test_unwritable_output_fails_before_any_work(bad_hub, tmp_path):
@@ -167,7 +168,7 @@ def test_up_to_date_outputs_are_skipped_and_force_redoes_them(bad_hub, tmp_path)
 
 
 def _visible_files(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.is_file() and ".rqvae_ray-staging" not in p.parts]
+    return [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".partial")]
 
 
 def _assert_complete(out: Path) -> None:
@@ -229,7 +230,7 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
     for spec in parse_model_ids(models):
         rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
         assert (out / rel).read_bytes() == (reference / rel).read_bytes()
-    assert not list(out.rglob(".rqvae_ray-staging/*"))
+    assert not list(out.rglob("*.partial"))
 
 
 def _descendants_running(root_pid: int, marker: str) -> list:
@@ -261,7 +262,7 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
             # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
-            for process in _descendants_running(os.getpid(), "EncodeBatches"):
+            for process in _descendants_running(os.getpid(), "EncodeModels"):
                 time.sleep(0.5)
                 try:
                     process.kill()

@@ -1,0 +1,212 @@
+"""Where outputs go and what is known about them: paths, file names, staged (partial) files, the manifest, and the
+up-to-date check; with the one sha256 helper and the one atomic write of the package.
+
+Layout: ``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<model>.<csv|parquet>`` beside
+``rqvae_ray-manifest.json``, which holds one :class:`ManifestEntry` per output file. A file is written under a
+hidden partial name in the same directory (so that publishing is a rename within one filesystem) and renamed into
+place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from rqvae_ray import __version__
+from rqvae_ray.contract import OutputFormat, OutputSpec
+
+MANIFEST_FILE = "rqvae_ray-manifest.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+def output_dir(root: Path, repo: str, base_folder: str) -> Path:
+    """``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files``."""
+    return root / "datasets" / repo / base_folder / "Intermediate Files"
+
+
+def codebooks_filename(model_name: str, fmt: OutputFormat) -> str:
+    """``codebooks-<model name>.<csv|parquet>``."""
+    return f"codebooks-{model_name}.{fmt.extension}"
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """The sha256 of the concatenated bytes of ``paths``, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def partial_path(final: Path, kind: str = "") -> Path:
+    """A hidden name beside ``final`` for writing it: ``.<name>[.<kind>].<host>-<pid>-<random>.partial``.
+
+    The host and process id let a later run on this host tell a partial file whose writer died from one still being
+    written (:func:`remove_stale_partials`).
+    """
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return final.with_name(f".{final.name}{'.' + kind if kind else ''}.{tag}{PARTIAL_SUFFIX}")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete the partial files in ``folder`` whose writer (a process on this host) no longer runs."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        owner = path.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        try:
+            os.kill(int(owner[1]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except PermissionError:
+            continue
+    return removed
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` through ``write(partial)`` and rename it into place; no partial file stays behind."""
+    partial = partial_path(path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The inputs an output was made from."""
+
+    checkpoint_sha256: str
+    checkpoint_revision: str
+    features_sha256: str
+    features_revision: str
+
+
+@dataclass
+class ManifestEntry:
+    """What the manifest records about one output file."""
+
+    file: str
+    model_id: str
+    format: str
+    dedup: bool
+    sid_tokens: bool
+    rows: int
+    sha256: str
+    checkpoint_sha256: str = ""
+    checkpoint_revision: str = ""
+    features_sha256: str = ""
+    features_revision: str = ""
+    tool_version: str = __version__
+    written_at: str = ""
+    sid_stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ManifestEntry | None:
+        """An entry from its JSON form; None when it lacks the fields every entry has."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{key: value for key, value in data.items() if key in known})
+        except TypeError:
+            return None
+
+    def matches(self, spec: OutputSpec, provenance: Provenance) -> str:
+        """Why this file does not hold what ``spec`` and ``provenance`` ask for; "" when it does."""
+        changed = [name for name, value in asdict(provenance).items() if getattr(self, name) != value]
+        if changed:
+            return "its inputs changed (" + ", ".join(sorted(changed)) + ")"
+        options = [
+            f"{flag} {'on' if wanted else 'off'}"
+            for flag, had, wanted in (
+                ("--dedup", self.dedup, spec.dedup),
+                ("--sid-tokens", self.sid_tokens, spec.sid_tokens),
+            )
+            if had != wanted
+        ]
+        if options:
+            return "it was written with other options (now " + ", ".join(options) + ")"
+        if self.tool_version != __version__:
+            return f"it was written by rqvae_ray {self.tool_version}"
+        return ""
+
+
+@dataclass
+class Manifest:
+    """The manifest of one output folder: one entry per output file (the CSV and the Parquet file of a model live
+    side by side)."""
+
+    folder: Path
+    dataset: str
+    entries: dict[str, ManifestEntry] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path, dataset: str) -> Manifest:
+        """The manifest in ``folder``; empty when it is absent or unreadable (the outputs are then redone)."""
+        manifest = cls(folder, dataset)
+        try:
+            document = json.loads((folder / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            return manifest
+        if not isinstance(document, dict):
+            return manifest
+        # Manifests of rqvae_ray 0.1 keyed their entries by model ID; each entry names its file either way.
+        raw = document.get("files") if isinstance(document.get("files"), dict) else document.get("models")
+        for value in (raw or {}).values():
+            entry = ManifestEntry.from_dict(value) if isinstance(value, dict) else None
+            if entry is not None:
+                manifest.entries[entry.file] = entry
+        return manifest
+
+    def write(self) -> Path:
+        """Write the manifest atomically."""
+        document = {
+            "tool": "rqvae_ray",
+            "dataset": self.dataset,
+            "files": {name: asdict(entry) for name, entry in sorted(self.entries.items())},
+        }
+        data = json.dumps(document, indent=2, sort_keys=True).encode()
+        return atomic_write(self.folder / MANIFEST_FILE, lambda partial: partial.write_bytes(data))
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What is already in the output folder for one model: ``entry`` when the file is up to date (skip it);
+    otherwise ``stale`` says why an existing file will be replaced ("" when there is none)."""
+
+    entry: ManifestEntry | None = None
+    stale: str = ""
+
+
+def check_existing(folder: Path, filename: str, spec: OutputSpec, provenance: Provenance, dataset: str) -> Existing:
+    """Is ``folder/filename`` up to date: recorded in the manifest with the same inputs and options, and intact?"""
+    path = folder / filename
+    if not path.is_file():
+        return Existing()
+    entry = Manifest.read(folder, dataset).entries.get(filename)
+    if entry is None:
+        return Existing(stale="the manifest does not describe it")
+    why = entry.matches(spec, provenance)
+    if why:
+        return Existing(stale=why)
+    if sha256_files([path]) != entry.sha256:
+        return Existing(stale="its bytes differ from the manifest's sha256 (damaged or edited)")
+    return Existing(entry=entry)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,142 @@
+"""The Ray cluster: starting or joining it, Ray Data's settings, what the cluster offers, checking that a plan's
+actors fit, and watching that the cluster is still there while a run waits on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+
+from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on loopback."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # A private single-machine Ray has no reason to listen beyond loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=local_object_store_bytes(),
+        )
+    import ray.data  # noqa: F401 - imported here, while datasets load in other threads, not on the critical path
+
+
+def local_object_store_bytes() -> int:
+    """Object store size of a private local Ray: 256 MiB per CPU, at least 1 GiB, at most Ray's default (30 % of RAM).
+
+    The blocks in flight need far less than Ray's default, and every page of the store that is touched once stays
+    resident until Ray stops: with the default, the peak memory of a run grew with the number of POIs.
+    """
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(0.3 * ram, max(1 << 30, (256 << 20) * (os.cpu_count() or 1))))
+
+
+def configure_data_context() -> None:
+    """Ray Data settings of every run: rows in order, no skipped blocks, pools that start together."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
+    # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
+    ctx.max_errored_blocks = 0
+    # Every pool's actors start at once (see reserve_actors); waiting here would start the pools one after another.
+    ctx.wait_for_min_actors_s = -1
+    # The driver reports progress itself; Ray Data's per-operator bars and log lines would drown it.
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster offers in all: CPUs and GPUs."""
+
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def current(cls) -> ClusterShape:
+        import ray
+
+        resources = ray.cluster_resources()
+        return cls(cpus=float(resources.get("CPU", 1.0)), gpus=float(resources.get("GPU", 0.0)))
+
+
+def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float) -> None:
+    """Return once the cluster can hold ``actors`` encoder actors of this size at the same time.
+
+    Ray Data starts its actor pools asynchronously (``wait_for_min_actors_s = -1``), so that all pools' actors start
+    together rather than one pool after another (a GPU actor spends seconds starting torch and CUDA); this check keeps
+    a clear, bounded failure for pools that can never start. The placement group only probes: it is removed at once,
+    before the actors ask for the same resources (on an autoscaling cluster, the nodes it brought up stay).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount}
+    if not bundle or actors < 1:
+        return
+    group = placement_group([bundle] * actors)
+    try:
+        ready = group.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise PoolStartTimeout(_pool_start_failure(num_cpus, num_gpus, wait_s))
+
+
+def _pool_start_failure(num_cpus: float, num_gpus: float, wait_s: float) -> str:
+    """Why no encoder actor started within --actor-wait-s: what each asked for, what the nodes offer, what to change."""
+    import ray
+
+    asked = {"CPU": num_cpus, "GPU": num_gpus}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    wanted = " + ".join(f"{amount:g} {name}" for name, amount in asked.items() if amount)
+    if any(all(node.get(name, 0.0) >= amount for name, amount in asked.items()) for node in nodes):
+        why = "the nodes that could hold one are busy (other pools, jobs or actors hold their resources)"
+    else:
+        offers = [(node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes]
+        cpus, gpus = max(offers, key=lambda offer: offer[::-1], default=(0.0, 0.0))
+        why = f"no node has that much (the largest offers {cpus:g} CPU + {gpus:g} GPU)"
+    return (
+        f"no encoder actor started within --actor-wait-s {wait_s:g}: each asks for {wanted} and {why}; "
+        "lower --gpus-per-actor, --cpus-per-actor or the actors per pool, add nodes, or raise --actor-wait-s if "
+        "nodes are still starting"
+    )
+
+
+def _gcs_reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def wait_watching_cluster(futures: list[Future], every_s: float = 2.0, misses: int = 3) -> None:
+    """Wait for ``futures`` while checking that Ray's GCS still answers; raise :class:`RayConnectionLost` if not.
+
+    Without this, a lost cluster leaves the driver blocked until Ray's own core worker kills it a minute later with
+    a message of its own; here the run stops with one clear line instead.
+    """
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    missed = 0
+    while wait(futures, timeout=every_s).not_done:
+        missed = 0 if _gcs_reachable(address) else missed + 1
+        if missed >= misses:
+            raise RayConnectionLost(address)
