@@ -40,6 +40,16 @@ class InvalidModelIdsError(InvalidModelIdError):
         self.model_id, self.reason = next(iter(errors.items()))
 
 
+class ModelsFileError(RqvaeRayError):
+    """A models file that cannot be read, holds no model IDs, or has bad lines (``lines``: their numbers)."""
+
+    def __init__(self, path: str, reason: str, lines: tuple[int, ...] = ()) -> None:
+        super().__init__(f"models file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.lines = lines
+
+
 class ResourceNotFoundError(RqvaeRayError):
     """A model, dataset or hub that the store does not have."""
 
