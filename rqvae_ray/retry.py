@@ -35,7 +35,8 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         server = (exc.server_message or "").strip().splitlines()
         return f"HTTP {exc.response.status_code}" + (f": {server[0][:200]}" if server else "")
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def call_with_retries(call: Callable[[], T], retries: int = 5, backoff_s: float = 1.0) -> T:
