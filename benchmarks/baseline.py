@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 
 from benchmarks.compare import output_file
 from benchmarks.generate import FEATURES_DIR, NYC_MODELS
+from rqvae_ray.model_ids import parse_model_id
 
 BATCH_ROWS = 8192
 CSV_HEADER = b"Pid,Codebook,Vector\n"
@@ -144,18 +144,18 @@ def run(
 ) -> list[Path]:
     """Encode every POI of the models' dataset with every model; returns the output paths."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    datasets = {re.search(r"rqvae-([a-z]+)-", m.split("/", 1)[1]).group(1) for m in model_ids}
-    orgs = {m.split("/", 1)[0] for m in model_ids}
-    if len(datasets) != 1 or len(orgs) != 1:
+    specs = [parse_model_id(m) for m in model_ids]
+    repos = {s.dataset_repo for s in specs}
+    if len(repos) != 1:
         raise ValueError("the baseline runs models of one dataset at a time")
-    org, dataset = orgs.pop(), datasets.pop()
-    models = [load_model(hub_dir / "models" / org / m.split("/", 1)[1] / "rqvae_best.pt", device) for m in model_ids]
+    repo = repos.pop()
+    models = [load_model(hub_dir / "models" / s.org / s.name / "rqvae_best.pt", device) for s in specs]
     dim = models[0].encoder[0].in_features
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"baseline: torch {torch.__version__} on {device_name}, {torch.get_num_threads()} threads", flush=True)
-    shards = sorted((hub_dir / "datasets" / org / dataset / FEATURES_DIR).glob("*.parquet"))
+    shards = sorted((hub_dir / "datasets" / repo / FEATURES_DIR).glob("*.parquet"))
     if not shards:
-        raise FileNotFoundError(f"no Parquet shards under {hub_dir / 'datasets' / org / dataset / FEATURES_DIR}")
+        raise FileNotFoundError(f"no Parquet shards under {hub_dir / 'datasets' / repo / FEATURES_DIR}")
     paths = [output_file(out_dir, m, fmt) for m in model_ids]
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,13 @@ import pyarrow.compute as pc
 
 
 def output_file(out_dir: Path, model_id: str, fmt: str = "csv", base_folder: str = "LLM Dataset") -> Path:
-    """``<out>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<name>.<fmt>``."""
-    org, name = model_id.split("/", 1)
-    dataset = name.split("-")[1]
-    return out_dir / "datasets" / org / dataset / base_folder / "Intermediate Files" / f"codebooks-{name}.{fmt}"
+    """Where the product puts ``model_id``'s codebooks file under ``out_dir`` (its own layout helpers)."""
+    from rqvae_ray.contract import OutputFormat
+    from rqvae_ray.model_ids import parse_model_id
+    from rqvae_ray.outputs import codebooks_filename, output_dir
+
+    spec = parse_model_id(model_id)
+    return output_dir(out_dir, spec.dataset_repo, base_folder) / codebooks_filename(spec.name, OutputFormat(fmt))
 
 
 def _first_levels(lists: pa.ListArray) -> np.ndarray:

@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.compare import output_file
+from rqvae_ray.model_ids import parse_model_id
+
 DEFAULT_MODELS = tuple(
     f"comp5331poi/rqvae-{dataset}-div{div}-commit{commit}-lr5e-5{suffix}"
     for dataset, commit in (("nyc", "0.5"), ("tky", "0.25"))
@@ -141,25 +144,13 @@ def load_poi_features(path: Path) -> torch.Tensor:
     return features.float()
 
 
-def output_path(out_dir: Path, org: str, dataset: str, name: str) -> Path:
-    return out_dir / "datasets" / org / dataset / "LLM Dataset" / "Intermediate Files" / f"codebooks-{name}.csv"
-
-
-def dataset_of(name: str) -> str:
-    match = re.search(r"rqvae-([a-z]+)-", name)
-    if match is None:
-        raise ValueError(f"cannot tell the dataset of model {name!r}")
-    return match.group(1)
-
-
 @torch.no_grad()
 def process_model(model_id: str, hub_dir: Path, out_dir: Path) -> tuple[Path, int]:
     """Encode every POI with one model and write its codebooks CSV; returns (path, rows)."""
-    org, name = model_id.split("/", 1)
-    dataset = dataset_of(name)
-    checkpoint = torch.load(hub_dir / "models" / org / name / "rqvae_best.pt", map_location="cpu")
+    spec = parse_model_id(model_id)
+    checkpoint = torch.load(hub_dir / "models" / spec.org / spec.name / "rqvae_best.pt", map_location="cpu")
     model = build_model(checkpoint["model_state_dict"])
-    features = load_poi_features(hub_dir / "datasets" / org / dataset / "RQVAE Dataset" / "poi_features.pt")
+    features = load_poi_features(hub_dir / "datasets" / spec.dataset_repo / "RQVAE Dataset" / "poi_features.pt")
     loader = DataLoader(PoiDataset(features), batch_size=BATCH_SIZE, shuffle=False)
     frames = []
     pid = 1
@@ -172,7 +163,7 @@ def process_model(model_id: str, hub_dir: Path, out_dir: Path) -> tuple[Path, in
             pid += 1
         frames.append(pd.DataFrame(rows))
     df = pd.concat(frames, ignore_index=True)
-    path = output_path(out_dir, org, dataset, name)
+    path = output_file(out_dir, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
     return path, len(df)

@@ -1,6 +1,6 @@
 """Where the time goes in one run of the rqvae_ray CLI: the CLI in-process, with timestamps around its phases.
 
-Wraps (without changing them) ``init_ray``, ``load_features``, ``load_checkpoint_bytes``, the per-dataset
+Wraps (without changing them) ``start_ray``, ``load_features``, ``load_checkpoint_bytes``, the per-dataset
 ``_encode_and_write`` and Ray Data's ``iter_internal_ref_bundles`` (first block out), runs the CLI, then reads
 ``ray.timeline()`` (task and actor events of every Ray worker) before shutting Ray down, and prints:
 
@@ -81,11 +81,10 @@ def summarise_timeline(events: list[dict]) -> list[tuple[str, int, float, float,
 
 def main(argv: list[str]) -> int:
     _mark("interpreter up, importing rqvae_ray.cli")
-    from rqvae_ray import cli, pipeline, runner
+    from rqvae_ray import cli, pipeline
 
     _mark("imports done")
-    _wrap(runner, "init_ray", "ray start (init_ray)")
-    _wrap(pipeline, "init_ray", "ray start (init_ray)")
+    _wrap(pipeline, "start_ray", "ray start (start_ray)")
     _wrap(pipeline, "load_features", "load features")
     _wrap(pipeline, "load_checkpoint_bytes", "load checkpoint")
     _wrap(pipeline, "_encode_and_write", "encode+write (pipeline, per dataset)")
@@ -105,7 +104,7 @@ def main(argv: list[str]) -> int:
 
         pipeline._encode_and_write = with_stream_marks
     timeline: list[dict] = []
-    original_run_models = runner.run_models
+    original_run_models = cli.run_models
 
     def run_models(*args, **kwargs):
         try:
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> int:
             if ray.is_initialized():
                 timeline.extend(ray.timeline())
 
-    runner.run_models = run_models
+    cli.run_models = run_models
     code = 0
     try:
         returned = cli.app(args=argv, prog_name="rqvae-ray", standalone_mode=False)

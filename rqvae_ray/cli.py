@@ -11,7 +11,7 @@ import typer
 
 from rqvae_ray.contract import OutputFormat, OutputSpec
 from rqvae_ray.errors import RayConnectionLost, RqvaeRayError
-from rqvae_ray.model_ids import DEFAULT_MODELS, split_model_ids
+from rqvae_ray.model_ids import DEFAULT_MODELS, read_models_file, split_model_ids
 from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
 from rqvae_ray.plan import PoolMode, PoolSizing
@@ -60,7 +60,16 @@ def _table(results: list[ModelResult]) -> str:
 @app.command()
 def run(
     model_ids: Annotated[
-        list[str] | None, typer.Argument(help="Model IDs (org/name); default: the 10 published models.")
+        list[str] | None,
+        typer.Argument(
+            help="Model IDs (org/name), each optionally paired with its dataset repo as MODEL_ID=ORG/DATASET "
+            "(needed when the name does not follow the published rqvae-<dataset>-... scheme); default: the 10 "
+            "published models."
+        ),
+    ] = None,
+    models_file: Annotated[
+        Path | None,
+        typer.Option(help="Read more MODEL_ID[=ORG/DATASET] entries from this file, one per line (# comments)."),
     ] = None,
     hub_dir: Annotated[
         Path | None, typer.Option(help="Read models and datasets from this local hub directory (default: the Hub).")
@@ -69,7 +78,9 @@ def run(
         Path | None, typer.Option(help="Write outputs under this directory (default: upload to the Hub).")
     ] = None,
     upload: Annotated[bool, _flag("--upload", "Upload to the Hub even when --out-dir is given.")] = False,
-    dataset: Annotated[str | None, typer.Option(help="Only run the models of this dataset (e.g. nyc).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Only run the models of this dataset (a name such as nyc, or ORG/DATASET).")
+    ] = None,
     demo: Annotated[bool, _flag("--demo", f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
     dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
@@ -125,13 +136,22 @@ def run(
     if values:
         _err(f"{values[0]!r} is not a model ID: flags take no value (write --force, not --force {values[0]})")
         raise typer.Exit(2)
-    specs, bad_ids = split_model_ids(model_ids or list(DEFAULT_MODELS))
+    requested = list(model_ids or [])
+    if models_file is not None:
+        try:
+            requested += read_models_file(models_file)
+        except RqvaeRayError as exc:
+            _err(str(exc))
+            raise typer.Exit(2) from None
+    specs, bad_ids, duplicates = split_model_ids(requested or list(DEFAULT_MODELS))
     for reason in bad_ids.values():
         _err(f"invalid model ID {reason}")
+    for model_id, count in duplicates.items():
+        typer.echo(f"note: {model_id} was given {count} times; running it once")
     if not specs:
         raise typer.Exit(2)
     if dataset is not None:
-        specs = [s for s in specs if s.dataset == dataset]
+        specs = [s for s in specs if dataset in (s.dataset, s.dataset_repo)]
         if not specs:
             _err(f"no requested model is a {dataset} model")
             raise typer.Exit(2)

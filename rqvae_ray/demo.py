@@ -236,8 +236,8 @@ def build_demo_hub(hub: str | Path, models: tuple[str, ...] = DEFAULT_MODELS, pr
     for dataset in sorted({s.dataset for s in specs}):
         progress(f"demo hub: building {dataset} features")
         features, metadata, mapping = datasets[dataset]()
-        for org in sorted({s.org for s in specs if s.dataset == dataset}):
-            write_dataset(staging, f"{org}/{dataset}", features, metadata, mapping)
+        for repo in sorted({s.dataset_repo for s in specs if s.dataset == dataset}):
+            write_dataset(staging, repo, features, metadata, mapping)
         for spec in (s for s in specs if s.dataset == dataset):
             progress(f"demo hub: fitting {spec.model_id}")
             path = staging / "models" / spec.org / spec.name / CHECKPOINT_FILE

@@ -53,7 +53,8 @@ class EncodeModels:
     ) -> None:
         import ray
 
-        gpu_ids = ray.get_gpu_ids()
+        # Outside Ray (a test, or a notebook calling the UDF directly) no GPU was assigned.
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
         self.repo = repo
         self.spec = spec
         self.keep_inputs = keep_inputs

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.options import RunOptions
 from rqvae_ray.pipeline import run_models
 from rqvae_ray.plan import PoolMode, PoolSizing

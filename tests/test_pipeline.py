@@ -41,7 +41,7 @@ def features_of(hub, dataset):
 def test_cli_help():
     proc = run_cli("--help", timeout=60)
     assert proc.returncode == 0
-    for option in ("--hub-dir", "--out-dir", "--dataset", "--demo", "--batch-size", "--gpus-per-model"):
+    for option in ("--hub-dir", "--out-dir", "--dataset", "--demo", "--batch-size", "--gpus-per-actor", "--pools"):
         assert option in proc.stdout
 
 

@@ -1,0 +1,127 @@
+"""Output paths, partial files, the manifest and the up-to-date check, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+
+from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.outputs import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestEntry,
+    Provenance,
+    atomic_write,
+    check_existing,
+    codebooks_filename,
+    output_dir,
+    partial_path,
+    remove_stale_partials,
+    sha256_files,
+)
+
+PROVENANCE = Provenance("ck", "local", "feat", "local")
+
+
+def _entry(path, **changes) -> ManifestEntry:
+    entry = ManifestEntry(
+        file=path.name,
+        model_id="org/rqvae-nyc-a",
+        format="csv",
+        dedup=False,
+        sid_tokens=False,
+        rows=3,
+        sha256=sha256_files([path]),
+        **vars(PROVENANCE),
+    )
+    return replace(entry, **changes)
+
+
+def test_layout_and_names(tmp_path):
+    folder = output_dir(tmp_path, "org/nyc", "LLM Dataset")
+    assert folder == tmp_path / "datasets/org/nyc/LLM Dataset/Intermediate Files"
+    assert codebooks_filename("rqvae-nyc-a", OutputFormat.PARQUET) == "codebooks-rqvae-nyc-a.parquet"
+    partial = partial_path(folder / "codebooks-x.csv")
+    assert partial.parent == folder and partial.name.startswith(".codebooks-x.csv.") and partial.suffix == ".partial"
+    assert partial != partial_path(folder / "codebooks-x.csv")
+
+
+def test_sha256_of_files_is_of_their_concatenation(tmp_path):
+    a, b, ab = tmp_path / "a", tmp_path / "b", tmp_path / "ab"
+    a.write_bytes(b"x" * 3_000_000)
+    b.write_bytes(b"yz")
+    ab.write_bytes(a.read_bytes() + b.read_bytes())
+    assert sha256_files([a, b]) == sha256_files([ab]) != sha256_files([b, a])
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "file.json"
+    atomic_write(target, lambda partial: partial.write_text("one"))
+    assert target.read_text() == "one"
+
+    def failing(partial):
+        partial.write_text("half")
+        raise OSError("disk full")
+
+    try:
+        atomic_write(target, failing)
+    except OSError:
+        pass
+    assert target.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+
+
+def test_stale_partials_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".codebooks-a.csv.{host}-{dead.stdout.strip()}-abc.partial"
+    live = tmp_path / f".codebooks-b.csv.{host}-{os.getpid()}-abc.partial"
+    other_host = tmp_path / f".codebooks-c.csv.elsewhere-{dead.stdout.strip()}-abc.partial"
+    published = tmp_path / "codebooks-a.csv"
+    for path in (stale, live, other_host, published):
+        path.write_text("x")
+    assert remove_stale_partials(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, published))
+
+
+def test_manifest_round_trip_keyed_by_file(tmp_path):
+    csv_file, parquet_file = tmp_path / "codebooks-m.csv", tmp_path / "codebooks-m.parquet"
+    csv_file.write_text("a")
+    parquet_file.write_text("b")
+    manifest = Manifest(tmp_path, "org/nyc")
+    for path in (csv_file, parquet_file):
+        manifest.entries[path.name] = _entry(path, format=path.suffix[1:])
+    manifest.write()
+    again = Manifest.read(tmp_path, "org/nyc")
+    assert again.entries == manifest.entries  # the CSV and the Parquet file of one model live side by side
+    document = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert set(document["files"]) == {"codebooks-m.csv", "codebooks-m.parquet"}
+
+
+def test_manifest_of_version_0_1_is_read_and_a_broken_one_is_empty(tmp_path):
+    path = tmp_path / "codebooks-m.csv"
+    path.write_text("a")
+    old = {"tool": "rqvae_ray", "models": {"org/m": {**vars(_entry(path)), "retired_field": 1}}}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(old))
+    assert Manifest.read(tmp_path, "org/nyc").entries["codebooks-m.csv"] == _entry(path)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    assert Manifest.read(tmp_path, "org/nyc").entries == {}
+
+
+def test_check_existing_says_why_a_file_is_redone(tmp_path):
+    path = tmp_path / "codebooks-m.csv"
+    spec = OutputSpec()
+    assert check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").entry is None  # nothing there
+    path.write_text("Pid,Codebook,Vector\n")
+    assert "manifest does not describe" in check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").stale
+    manifest = Manifest(tmp_path, "org/nyc", {path.name: _entry(path)})
+    manifest.write()
+    assert check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").entry == _entry(path)
+    other = replace(PROVENANCE, checkpoint_sha256="new")
+    assert "checkpoint_sha256" in check_existing(tmp_path, path.name, spec, other, "org/nyc").stale
+    assert "--dedup on" in check_existing(tmp_path, path.name, OutputSpec(dedup=True), PROVENANCE, "org/nyc").stale
+    path.write_text("Pid,Codebook,Vector\n1")
+    assert "sha256" in check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").stale

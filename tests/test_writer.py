@@ -1,0 +1,185 @@
+"""The encode stage and the final writer in-process (no Ray): bytes independent of block sizes and plan, the dedup
+rule, validation, and nothing partial left behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
+from rqvae_ray.encode_stage import EncodeModels
+from rqvae_ray.encoder import Encoder, SparseRows
+from rqvae_ray.errors import OutputError
+from rqvae_ray.features import sparse_table
+from rqvae_ray.formatting import CSV_HEADER, CSV_HEADER_WITH_SID, csv_lines, csv_parts, string_bytes
+from rqvae_ray.outputs import MANIFEST_FILE, Manifest, Provenance, output_dir
+from rqvae_ray.writer import DatasetWriter, FinalWriter, ModelTarget
+from tests.unit_models import rows, weights
+
+N = 240
+REPO = "org/nyc"
+MODELS = [("org/rqvae-nyc-a", weights(1)), ("org/rqvae-nyc-b", weights(2))]
+
+
+def _targets(fmt: OutputFormat) -> list[ModelTarget]:
+    return [
+        ModelTarget(
+            model_id,
+            slot,
+            f"codebooks-{model_id.split('/')[1]}.{fmt.value}",
+            w.codebook_sizes,
+            Provenance("c", "r", "f", "r"),
+        )
+        for slot, (model_id, w) in enumerate(MODELS)
+    ]
+
+
+def _blocks(sizes: list[int]) -> list[pa.Table]:
+    data, start, tables = rows(N), 0, []
+    for size in sizes:
+        stop = min(start + size, N)
+        lo, hi = data.indptr[start], data.indptr[stop]
+        part = SparseRows(data.indptr[start : stop + 1] - lo, data.indices[lo:hi], None)
+        tables.append(sparse_table(part, first_pid=start + 1))
+        start = stop
+    assert start == N
+    return tables
+
+
+def _encode(blocks: list[pa.Table], spec: OutputSpec, packed: bool) -> list[pa.Table]:
+    models = [(model_id, slot, w) for slot, (model_id, w) in enumerate(MODELS)]
+    if packed:
+        stages = [EncodeModels(REPO, models, spec, keep_inputs=False)]
+    else:
+        stages = [EncodeModels(REPO, [m], spec, keep_inputs=i < len(models) - 1) for i, m in enumerate(models)]
+    out = []
+    for block in blocks:
+        for stage in stages:
+            block = stage(block)
+        out.append(block)
+    return out
+
+
+def _write(tmp_path, blocks: list[pa.Table], spec: OutputSpec, num_pois: int = N) -> DatasetWriter:
+    writer = DatasetWriter(REPO, _targets(spec.fmt), str(tmp_path), "LLM Dataset", spec, num_pois)
+    for block in blocks:
+        writer.write(block)
+    return writer
+
+
+def _folder(tmp_path):
+    return output_dir(tmp_path, REPO, "LLM Dataset")
+
+
+def _expected_csv(model: int, tokens: bool) -> bytes:
+    codes, vectors = Encoder(MODELS[model][1]).encode(rows(N))
+    pids = np.arange(1, N + 1)
+    header = CSV_HEADER_WITH_SID if tokens else CSV_HEADER
+    return header + string_bytes(csv_lines(csv_parts(pids, codes, vectors, tokens)))
+
+
+@pytest.mark.parametrize(("sizes", "packed"), [([N], True), ([1, 7, 64, 168], True), ([100, 140], False)])
+def test_csv_bytes_do_not_depend_on_blocks_or_plan(tmp_path, sizes, packed):
+    spec = OutputSpec(sid_tokens=True)
+    published = _write(tmp_path, _encode(_blocks(sizes), spec, packed), spec).finish()
+    assert [p.entry.model_id for p in published] == [m for m, _ in MODELS]
+    for model, item in enumerate(published):
+        assert (_folder(tmp_path) / item.entry.file).read_bytes() == _expected_csv(model, tokens=True)
+        assert item.entry.rows == N and item.entry.sid_stats["pois"] == N
+    manifest = Manifest.read(_folder(tmp_path), REPO)
+    assert set(manifest.entries) == {p.entry.file for p in published}
+    assert sorted(p.name for p in _folder(tmp_path).iterdir()) == sorted([MANIFEST_FILE, *manifest.entries])
+
+
+def _dedup_rule(codes: np.ndarray) -> list[list[int]]:
+    """Independent statement of --dedup: POIs sharing an SID get 0, 1, 2, ... in Pid order; unique SIDs none."""
+    keys = [tuple(c) for c in codes.tolist()]
+    counts = {k: keys.count(k) for k in set(keys)}
+    seen: dict[tuple, int] = {}
+    out = []
+    for key in keys:
+        if counts[key] > 1:
+            out.append([*key, seen.get(key, 0)])
+            seen[key] = seen.get(key, 0) + 1
+        else:
+            out.append(list(key))
+    return out
+
+
+def test_parquet_with_dedup_follows_the_rule_and_equals_the_encoder(tmp_path):
+    spec = OutputSpec(OutputFormat.PARQUET, dedup=True, sid_tokens=True)
+    published = _write(tmp_path, _encode(_blocks([50, 50, 140]), spec, packed=True), spec).finish()
+    for model, item in enumerate(published):
+        table = pq.read_table(_folder(tmp_path) / item.entry.file)
+        codes, vectors = Encoder(MODELS[model][1]).encode(rows(N))
+        assert table.column("Pid").to_pylist() == list(range(1, N + 1))
+        assert table.column("Codebook").to_pylist() == _dedup_rule(codes)
+        np.testing.assert_array_equal(np.array(table.column("Vector").to_pylist(), dtype=np.float32), vectors)
+        assert any(len(c) == 4 for c in table.column("Codebook").to_pylist())  # the tiny codebooks collide
+        letters = "abcd"
+        sid = ["".join(f"<{letters[i]}_{c}>" for i, c in enumerate(code)) for code in _dedup_rule(codes)]
+        assert table.column("SID").to_pylist() == sid
+
+
+def test_csv_dedup_equals_parquet_dedup(tmp_path):
+    csv_spec = OutputSpec(OutputFormat.CSV, dedup=True)
+    parquet_spec = OutputSpec(OutputFormat.PARQUET, dedup=True)
+    csv_files = _write(tmp_path / "c", _encode(_blocks([N]), csv_spec, True), csv_spec).finish()
+    pq_files = _write(tmp_path / "p", _encode(_blocks([N]), parquet_spec, True), parquet_spec).finish()
+    for a, b in zip(csv_files, pq_files, strict=True):
+        lines = (_folder(tmp_path / "c") / a.entry.file).read_text().splitlines()[1:]
+        want = pq.read_table(_folder(tmp_path / "p") / b.entry.file).column("Codebook").to_pylist()
+        assert [line.split('"')[1] for line in lines] == [str(c) for c in want]
+
+
+def test_rows_out_of_pid_order_name_the_pid(tmp_path):
+    spec = OutputSpec()
+    first, second, third = _encode(_blocks([80, 80, 80]), spec, True)
+    writer = _write(tmp_path, [first], spec)
+    with pytest.raises(OutputError, match="Pid 161 where 81 was expected"):
+        writer.write(third)
+    writer.abort()
+    assert list(_folder(tmp_path).iterdir()) == []
+
+
+def test_missing_rows_publish_nothing(tmp_path):
+    spec = OutputSpec()
+    writer = _write(tmp_path, _encode(_blocks([100, 140]), spec, True)[:1], spec)
+    with pytest.raises(OutputError, match="wrote 100 rows but the dataset has 240 POIs"):
+        writer.finish()
+    assert list(_folder(tmp_path).iterdir()) == []
+
+
+def test_a_code_outside_the_codebooks_is_rejected(tmp_path):
+    spec = OutputSpec()
+    (block,) = _encode(_blocks([N]), spec, True)
+    bad = pa.table({"Pid": block.column("Pid")})
+    for slot in range(len(MODELS)):
+        sid = pa.array(np.full(N, 10**6, dtype=np.int64))
+        bad = ModelSlot(slot).attach(bad, EncodedColumns(sid, lines=ModelSlot(slot).read(block).lines))
+    writer = _write(tmp_path, [], spec)
+    with pytest.raises(OutputError, match="outside the codebook sizes"):
+        writer.write(bad)
+    writer.abort()
+    assert list(_folder(tmp_path).iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_output_error(tmp_path):
+    (tmp_path / "datasets").write_text("a file where a folder must go")
+    with pytest.raises(OutputError, match="choose a writable --out-dir"):
+        DatasetWriter(REPO, _targets(OutputFormat.CSV), str(tmp_path), "LLM Dataset", OutputSpec(), N)
+
+
+def test_final_writer_applies_each_datasets_blocks_in_sequence(tmp_path):
+    spec = OutputSpec()
+    blocks = _encode(_blocks([60, 60, 60, 60]), spec, True)
+    final = FinalWriter()
+    final.open(REPO, _targets(OutputFormat.CSV), str(tmp_path), "LLM Dataset", spec, N)
+    assert final.write(REPO, 2, blocks[2], None) == 0  # held back until blocks 0 and 1 are written
+    assert final.write(REPO, 0, blocks[0], None) == 60
+    assert final.write(REPO, 1, blocks[1], (0, 60)) == 180
+    assert final.write(REPO, 3, blocks[3], None) == 240
+    for model, item in enumerate(final.finish(REPO)):
+        assert (_folder(tmp_path) / item.entry.file).read_bytes() == _expected_csv(model, tokens=False)
