@@ -11,23 +11,25 @@ Two layouts are understood, detected from the keys:
   codebook is the codebook, as in the authors' quantizer). Other orders that keep each BatchNorm directly after its
   Linear and a parameter-free module between Linears (e.g. Linear, BatchNorm, ReLU, Dropout) read the same way.
   SIDs are always the nearest codewords: the authors' own inference uses Sinkhorn assignment (batch dependent) when
-  trained with ``--use_sk`` and a positive epsilon, which is deliberately not reproduced. GNPR-SID V2's cosine
-  quantizer (``ema_w`` buffers) is refused.
+  trained with ``--use_sk`` and a positive epsilon, which is deliberately not reproduced; :attr:`ModelWeights.sinkhorn`
+  records those levels so that the run can say so. GNPR-SID V2's cosine quantizer (``ema_w`` buffers) is refused.
 
 The architecture (input dim, hidden sizes, latent dim, levels, codebook sizes) is read from tensor shapes only.
 BatchNorm is folded into the preceding Linear in float64 at load time; the result is an immutable
 :class:`ModelWeights` of numpy arrays that actors receive through the Ray object store.
 
 Loading always goes through ``torch.load(weights_only=True)``. The only global allowed beyond torch's defaults is
-``argparse.Namespace``, and it unpickles as an inert stand-in that drops its attributes. Pickles of protocol 3-5 (which
-torch's restricted unpickler cannot read) are first rewritten opcode by opcode to protocol 2 without executing
-anything; torch's unpickler still decides what may be built.
+``argparse.Namespace``, and it unpickles as an inert stand-in that reads only ``use_sk`` and ``sk_epsilons``, and
+those only when they are plain values. Pickles of protocol 3-5 (which torch's restricted unpickler cannot read) are
+first rewritten opcode by opcode to protocol 2 without executing anything; torch's unpickler still decides what may
+be built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import pickletools
 import re
@@ -60,6 +62,7 @@ class ModelWeights:
     codebooks: tuple[np.ndarray, ...]  # float32 [K_l, latent]
     layout: str
     sha256: str
+    sinkhorn: tuple[tuple[int, float], ...] = ()  # (level from 1, epsilon) the authors' inference assigns by Sinkhorn
 
     @property
     def input_dim(self) -> int:
@@ -85,6 +88,22 @@ class ModelWeights:
         sizes = self.codebook_sizes
         books = f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else "+".join(map(str, sizes))
         return f"{'-'.join(dims)}->{self.latent_dim} | {books}"
+
+    @property
+    def sinkhorn_levels(self) -> tuple[int, ...]:
+        """Levels (from 1) that the checkpoint trained with Sinkhorn assignment; empty when none or unknown."""
+        return tuple(level for level, _ in self.sinkhorn)
+
+    def sinkhorn_note(self) -> str | None:
+        """One line saying that Sinkhorn-trained levels are assigned by nearest codeword here, or ``None``."""
+        if not self.sinkhorn:
+            return None
+        levels = " and ".join(", ".join(str(level) for level in self.sinkhorn_levels).rsplit(", ", 1))
+        epsilons = ", ".join(f"{epsilon:g}" for _, epsilon in self.sinkhorn)
+        return (
+            f"trained with Sinkhorn assignment at level{'s' if len(self.sinkhorn) > 1 else ''} {levels} "
+            f"(epsilon {epsilons}); SIDs use the nearest codeword, as batch-invariant inference must — see README"
+        )
 
 
 def load_checkpoint_file(path: str | Path) -> ModelWeights:
@@ -124,14 +143,38 @@ def load_checkpoint_bytes(data: bytes, source: str = "checkpoint") -> ModelWeigh
 class _TrainingArgs:
     """Unpickled in place of ``argparse.Namespace``, the training arguments GNPR-SID checkpoints carry.
 
-    Inference never reads them, so the pickled attributes are dropped: the file cannot set any attribute on it (not
-    even ``__class__``), and constructing it with arguments fails.
+    Only the Sinkhorn settings are read from the pickled attributes (see :func:`_sinkhorn_epsilons`); every other one
+    is dropped. The file cannot set any attribute on it (not even ``__class__``), and constructing it with arguments
+    fails.
     """
 
-    __slots__ = ()
+    __slots__ = ("_epsilons",)
 
     def __setstate__(self, state: object) -> None:
-        """Drop the pickled attributes."""
+        """Keep the per-level Sinkhorn epsilons, drop everything else."""
+        self._epsilons = _sinkhorn_epsilons(state)
+
+    @property
+    def sinkhorn_epsilons(self) -> tuple[float, ...]:
+        """Per level, the epsilon of the authors' Sinkhorn assignment (0 = nearest codeword); empty when unknown."""
+        return getattr(self, "_epsilons", ())
+
+
+def _sinkhorn_epsilons(state: object) -> tuple[float, ...]:
+    """``sk_epsilons`` of a Namespace's pickled attributes when ``use_sk`` is on, else ``()``.
+
+    Only plain values count: ``use_sk`` a bool (or int), ``sk_epsilons`` a list or tuple of finite numbers. Anything
+    else (a string, a nested object, a tensor) reads as unknown, i.e. no Sinkhorn.
+    """
+    if not isinstance(state, dict):
+        return ()
+    use_sk, epsilons = state.get("use_sk"), state.get("sk_epsilons")
+    if type(use_sk) not in (bool, int) or not use_sk or type(epsilons) not in (list, tuple):
+        return ()
+    if not all(type(e) is float or (type(e) is int and abs(e) < 2**53) for e in epsilons):
+        return ()
+    values = tuple(float(e) for e in epsilons)
+    return values if all(map(math.isfinite, values)) else ()
 
 
 def _refusal_reason(exc: pickle.UnpicklingError) -> str:
@@ -264,7 +307,13 @@ def weights_from_checkpoint(obj: object, source: str = "checkpoint", sha256: str
             f"unknown checkpoint layout (key prefixes seen: {', '.join(seen[:12])}); expected "
             "'encoder.layers.*' + 'quantizer.quantizers.*' (published) or 'encoder.mlp_layers.*' + 'rq.vq_layers.*'",
         )
-    weights = ModelWeights(layers=tuple(layers), codebooks=tuple(codebooks), layout=layout, sha256=sha256)
+    args = obj.get("args") if isinstance(obj, dict) else None
+    epsilons = args.sinkhorn_epsilons if isinstance(args, _TrainingArgs) else ()
+    # As in the authors' quantizer: a level uses Sinkhorn only with a positive epsilon (zip drops extra epsilons).
+    sinkhorn = tuple((level + 1, e) for level, e in enumerate(epsilons[: len(codebooks)]) if e > 0)
+    weights = ModelWeights(
+        layers=tuple(layers), codebooks=tuple(codebooks), layout=layout, sha256=sha256, sinkhorn=sinkhorn
+    )
     _check_finite(weights, source)
     return weights
 

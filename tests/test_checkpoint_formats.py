@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -204,8 +206,9 @@ def test_authors_layout_against_reference(tmp_path, features, bn, linear_first, 
 def test_every_pickle_protocol_loads_the_same(tmp_path, published, protocol):
     baseline = checkpoint.weights_from_checkpoint(published)
     path = tmp_path / "model.pt"
-    torch.save({**published, "args": _args()}, path, pickle_protocol=protocol)
+    torch.save({**published, "args": _args(use_sk=True)}, path, pickle_protocol=protocol)
     weights = load_checkpoint_file(path)
+    assert weights.sinkhorn == ((3, 0.003),)
     for mine, theirs in zip(weights.layers, baseline.layers, strict=True):
         np.testing.assert_array_equal(mine.weight, theirs.weight)
     for mine, theirs in zip(weights.codebooks, baseline.codebooks, strict=True):
@@ -367,3 +370,152 @@ def test_bad_state_names_the_key(tmp_path, published, case):
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint_file(_authors_file(state, tmp_path / "bad.pth"))
     assert f"'{key}" in str(caught.value), str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def authors_state(published) -> dict[str, torch.Tensor]:
+    return _to_authors_layout(published["model_state_dict"], 64)
+
+
+@pytest.fixture(scope="module")
+def nearest_sids(published, features) -> tuple[np.ndarray, np.ndarray]:
+    """The SIDs of the published weights, loaded without any training arguments."""
+    return Encoder(checkpoint.weights_from_checkpoint(published)).encode(SparseRows.from_dense(features))
+
+
+MISSING = object()
+SINKHORN_ARGS = {
+    "sk-off": ({"use_sk": False, "sk_epsilons": [0.0, 0.0, 0.003]}, ()),
+    "sk-on-last-level": ({"use_sk": True, "sk_epsilons": [0.0, 0.0, 0.003]}, ((3, 0.003),)),
+    "sk-on-zero-epsilons": ({"use_sk": True, "sk_epsilons": [0.0, 0.0, 0.0]}, ()),
+    "sk-on-two-levels": ({"use_sk": True, "sk_epsilons": [0.01, 0.0, 0.003]}, ((1, 0.01), (3, 0.003))),
+    "negative-epsilon": ({"use_sk": True, "sk_epsilons": [-0.5, 0.02, 0]}, ((2, 0.02),)),
+    "int-flag-and-tuple": ({"use_sk": 1, "sk_epsilons": (0, 0, 1)}, ((3, 1.0),)),
+    "more-epsilons-than-levels": (
+        {"use_sk": True, "sk_epsilons": [0.1, 0.2, 0.3, 0.4]},
+        ((1, 0.1), (2, 0.2), (3, 0.3)),
+    ),
+    "fewer-epsilons-than-levels": ({"use_sk": True, "sk_epsilons": [0.0, 0.5]}, ((2, 0.5),)),
+    "no-sk-epsilons": ({"use_sk": True, "sk_epsilons": MISSING}, ()),
+    "no-use-sk": ({"use_sk": MISSING, "sk_epsilons": [0.0, 0.0, 0.003]}, ()),
+    "use-sk-string": ({"use_sk": "True", "sk_epsilons": [0.0, 0.0, 0.003]}, ()),
+    "use-sk-float": ({"use_sk": 1.0, "sk_epsilons": [0.0, 0.0, 0.003]}, ()),
+    "epsilons-string": ({"use_sk": True, "sk_epsilons": "0.0 0.0 0.003"}, ()),
+    "epsilon-string-item": ({"use_sk": True, "sk_epsilons": [0.0, 0.0, "0.003"]}, ()),
+    "epsilon-bool-item": ({"use_sk": True, "sk_epsilons": [0.0, 0.0, True]}, ()),
+    "epsilon-nan": ({"use_sk": True, "sk_epsilons": [0.0, 0.0, float("nan")]}, ()),
+    "epsilon-huge-int": ({"use_sk": True, "sk_epsilons": [0, 0, 10**400]}, ()),
+    "epsilons-tensor": ({"use_sk": True, "sk_epsilons": torch.tensor([0.0, 0.0, 0.003])}, ()),
+    "epsilons-dict": ({"use_sk": True, "sk_epsilons": {2: 0.003}}, ()),
+    "nested-namespace": ({"use_sk": argparse.Namespace(value=True), "sk_epsilons": [0.0, 0.0, 0.003]}, ()),
+    "nested-lists": ({"use_sk": True, "sk_epsilons": [[0.0], [0.0], [0.003]]}, ()),
+}
+
+
+@pytest.mark.parametrize("case", list(SINKHORN_ARGS) + ["args-missing", "args-not-a-namespace"])
+def test_sinkhorn_levels_come_from_the_training_args(tmp_path, authors_state, features, nearest_sids, case):
+    payload: dict[str, object] = {"epoch": 1000, "state_dict": authors_state}
+    expected: tuple = ()
+    if case == "args-not-a-namespace":
+        payload["args"] = {"use_sk": True, "sk_epsilons": [0.0, 0.0, 0.003]}
+    elif case != "args-missing":
+        settings, expected = SINKHORN_ARGS[case]
+        args = _args()
+        for name, value in settings.items():
+            if value is MISSING:
+                delattr(args, name)
+            else:
+                setattr(args, name, value)
+        payload["args"] = args
+    torch.save(payload, tmp_path / "best.pth", pickle_protocol=4)
+    weights = load_checkpoint_file(tmp_path / "best.pth")
+    assert weights.sinkhorn == expected
+    assert weights.sinkhorn_levels == tuple(level for level, _ in expected)
+    assert weights.describe() == "1407-256-128-128->64 | 3x32"
+    codes, vectors = Encoder(weights).encode(SparseRows.from_dense(features))
+    np.testing.assert_array_equal(codes, nearest_sids[0])  # the note changes, the SIDs never do
+    np.testing.assert_array_equal(vectors, nearest_sids[1])
+    note = weights.sinkhorn_note()
+    if not expected:
+        assert note is None
+    else:
+        assert "\n" not in note and "SIDs use the nearest codeword" in note and "see README" in note
+
+
+def test_sinkhorn_note_names_levels_and_epsilons(published):
+    base = checkpoint.weights_from_checkpoint(published)
+    one = dataclasses.replace(base, sinkhorn=((3, 0.003),))
+    assert one.sinkhorn_note() == (
+        "trained with Sinkhorn assignment at level 3 (epsilon 0.003); SIDs use the nearest codeword, "
+        "as batch-invariant inference must — see README"
+    )
+    three = dataclasses.replace(base, sinkhorn=((1, 0.01), (2, 0.005), (3, 0.003)))
+    assert three.sinkhorn_note().startswith(
+        "trained with Sinkhorn assignment at levels 1, 2 and 3 (epsilon 0.01, 0.005, 0.003); "
+    )
+    assert base.sinkhorn == () and base.sinkhorn_note() is None
+
+
+def _binfloat(value: float) -> bytes:
+    return b"G" + struct.pack(">d", value)
+
+
+def _string(text: str) -> bytes:
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+NAMESPACE = _global("argparse", "Namespace") + b")R"  # argparse.Namespace() as the stand-in, on the stack
+HOSTILE_ARGS = {
+    # BUILD with (dict state, slot state) aiming at the stand-in's own slot.
+    "slot-state": NAMESPACE + b"N}" + _string("_epsilons") + b"]" + _binfloat(0.5) + b"as\x86b",
+    # The dict state names the slot and the property directly, with Sinkhorn off.
+    "slot-in-dict": NAMESPACE
+    + b"}"
+    + _string("_epsilons")
+    + b"]"
+    + _binfloat(0.5)
+    + b"as"
+    + _string("sinkhorn_epsilons")
+    + b"]"
+    + _binfloat(0.5)
+    + b"as"
+    + _string("use_sk")
+    + b"\x89sb",
+    # A state that is not a dict at all.
+    "list-state": NAMESPACE + b"]" + _binfloat(0.5) + b"ab",
+    # No state: BUILD never runs.
+    "no-state": NAMESPACE,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ARGS))
+def test_hostile_namespace_cannot_set_sinkhorn_or_attributes(monkeypatch, case):
+    seen = []
+    monkeypatch.setattr(checkpoint, "weights_from_checkpoint", lambda obj, **_: seen.append(obj))
+    load_checkpoint_bytes(_with_pickle(b"\x80\x02}" + _string("args") + HOSTILE_ARGS[case] + b"s."))
+    args = seen[0]["args"]
+    assert type(args).__name__ == "_TrainingArgs"
+    assert args.sinkhorn_epsilons == ()
+    assert not hasattr(args, "__dict__")
+    with pytest.raises(AttributeError):
+        args.lr = 1.0
+
+
+def test_namespace_keeps_only_the_sinkhorn_settings(tmp_path, authors_state, monkeypatch):
+    seen = []
+    monkeypatch.setattr(checkpoint, "weights_from_checkpoint", lambda obj, **_: seen.append(obj))
+    args = _args(use_sk=True, sk_epsilons=[0.0, 0.25, 0.003], extra=argparse.Namespace(depth=[1, 2]))
+    torch.save({"args": args, "state_dict": authors_state}, tmp_path / "best.pth", pickle_protocol=4)
+    load_checkpoint_file(tmp_path / "best.pth")
+    loaded = seen[0]["args"]
+    assert loaded.sinkhorn_epsilons == (0.0, 0.25, 0.003)
+    assert type(loaded).__slots__ == ("_epsilons",) and not hasattr(loaded, "__dict__")
+    assert not any(hasattr(loaded, name) for name in ("lr", "use_sk", "sk_epsilons", "extra", "device"))
+
+
+def test_code_in_the_sinkhorn_settings_never_runs(tmp_path, authors_state):
+    marker = tmp_path / "pwned"
+    torch.save({"args": _args(use_sk=True, sk_epsilons=Payload(marker)), "state_dict": authors_state}, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="refused to load: it needs the Python global '(os|posix).system'"):
+        load_checkpoint_file(tmp_path / "x")
+    assert not marker.exists()
