@@ -115,6 +115,8 @@ class ManifestEntry:
     tool_version: str = __version__
     written_at: str = ""
     sid_stats: dict = field(default_factory=dict)
+    # Levels the checkpoint trained with Sinkhorn assignment; the SIDs use the nearest codeword there too.
+    sinkhorn_levels: list[int] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> ManifestEntry | None:

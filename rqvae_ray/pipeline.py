@@ -217,6 +217,9 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
             filename = codebooks_filename(spec.name, options.output.fmt)
             progress.note(f"{spec.model_id}: replacing {filename}: {existing.stale}")
         progress.note(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()} (revision {revision})")
+        note = weights.sinkhorn_note()
+        if note:
+            progress.note(f"{spec.model_id}: note: {note}")
         ready.append(candidate)
     return _Loaded(features, ready, results)
 
@@ -299,6 +302,7 @@ def _encode_and_write(
             codebooks_filename(r.spec.name, options.output.fmt),
             r.weights.codebook_sizes,
             r.provenance,
+            r.weights.sinkhorn_levels,
         )
         for slot, r in enumerate(ready)
     ]

@@ -56,6 +56,7 @@ class ModelTarget:
     filename: str  # codebooks-<model>.<csv|parquet>
     codebook_sizes: tuple[int, ...]
     provenance: Provenance
+    sinkhorn_levels: tuple[int, ...] = ()  # levels trained with Sinkhorn assignment (SIDs use the nearest codeword)
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ class DatasetWriter:
                 sha256=sink.digest.hexdigest(),
                 written_at=utc_now(),
                 sid_stats=sink.counter.summary(),
+                sinkhorn_levels=list(sink.target.sinkhorn_levels),
                 **vars(sink.target.provenance),
             )
             manifest.entries[entry.file] = entry
