@@ -42,12 +42,14 @@ class OutputSpec:
 class EncodedColumns:
     """One model's output for the rows of a block, in the form the writer appends to its file.
 
-    ``sid`` is always there (one int64 per row that identifies its SID, see :func:`rqvae_ray.sid_stats.pack_codes`).
+    ``sid`` is always there (one int64 per row that identifies its SID, see :func:`rqvae_ray.sid_stats.pack_codes`),
+    and ``seconds`` (whose sum over a file is the time its model spent encoding, over all actors).
     CSV without dedup has finished ``lines``; CSV with dedup has the ``head`` and ``tail`` around the place of the
     dedup code (and the ``tokens`` field); Parquet has ``codebook`` and ``vector`` (and the ``tokens`` string).
     """
 
     sid: pa.Array
+    seconds: pa.Array | None = None  # float64 per row: its share of the time the model took to encode its batch
     lines: pa.Array | None = None
     head: pa.Array | None = None
     tail: pa.Array | None = None

@@ -5,6 +5,10 @@ Kept lean on purpose: CPU actors import numpy and pyarrow only (torch only when 
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
+import numpy as np
 import pyarrow as pa
 
 from rqvae_ray.checkpoint import ModelWeights
@@ -28,17 +32,22 @@ class _Model:
         self.text = SidText(self.encoder.vectors, spec.sid_tokens) if spec.fmt is OutputFormat.CSV else None
 
     def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
+        started = time.perf_counter()
         codes, vectors = self.encoder.encode(rows)
         packed = pack_codes(codes, self.encoder.weights.codebook_sizes)
         sid = pa.array(packed)
         if self.text is not None:
             parts = self.text.csv_parts(pids, codes, packed)
             if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
-                return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
-            return EncodedColumns(sid, lines=csv_lines(parts))
-        columns = arrow_columns(pids, codes, vectors)
-        tokens = sid_tokens(codes) if spec.sid_tokens else None
-        return EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
+                encoded = EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
+            else:
+                encoded = EncodedColumns(sid, lines=csv_lines(parts))
+        else:
+            columns = arrow_columns(pids, codes, vectors)
+            tokens = sid_tokens(codes) if spec.sid_tokens else None
+            encoded = EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
+        share = (time.perf_counter() - started) / max(len(pids), 1)
+        return dataclasses.replace(encoded, seconds=pa.array(np.full(len(pids), share)))
 
 
 class EncodeModels:

@@ -115,6 +115,7 @@ class ManifestEntry:
     tool_version: str = __version__
     written_at: str = ""
     sid_stats: dict = field(default_factory=dict)
+    encode_seconds: float = 0.0  # the time the model spent encoding this file's rows, summed over its actors
     # Levels the checkpoint trained with Sinkhorn assignment; the SIDs use the nearest codeword there too.
     sinkhorn_levels: list[int] = field(default_factory=list)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
 from rqvae_ray.errors import OutputError, UploadError
@@ -112,6 +113,7 @@ class _Sink:
         self.spec = spec
         self.digest = hashlib.sha256()
         self.counter = SidCounter(target.codebook_sizes)
+        self.encode_seconds = 0.0
         self.closed = False
         self._parquet = None
         self._spool = None
@@ -130,6 +132,8 @@ class _Sink:
                 path=str(self.final),
             )
         self.counter.add(sids)
+        if encoded.seconds is not None:
+            self.encode_seconds += float(pc.sum(encoded.seconds).as_py() or 0.0)
         if not self.spec.dedup:
             self._emit(block.column("Pid"), encoded, None)
             return
@@ -292,6 +296,7 @@ class DatasetWriter:
                 sha256=sink.digest.hexdigest(),
                 written_at=utc_now(),
                 sid_stats=sink.counter.summary(),
+                encode_seconds=round(sink.encode_seconds, 3),
                 sinkhorn_levels=list(sink.target.sinkhorn_levels),
                 **vars(sink.target.provenance),
             )
