@@ -5,7 +5,7 @@ submodules of this package, do not pay for the driver-side imports.
 """
 
 __version__ = "0.1.0"
-__all__ = ["BatchInferenceManager", "BatchInferenceProcessor", "ModelConfigParser", "__version__"]
+__all__ = ["BatchInferenceManager", "BatchInferenceProcessor", "ModelConfigParser", "__version__", "read_codebooks"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from rqvae_ray import api
 
         return getattr(api, name)
+    if name == "read_codebooks":
+        from rqvae_ray.readers import read_codebooks
+
+        return read_codebooks
     raise AttributeError(f"module 'rqvae_ray' has no attribute {name!r}")

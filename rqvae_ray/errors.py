@@ -127,6 +127,25 @@ class ReportError(RqvaeRayError):
         self.reason = reason
 
 
+class CodebooksFileError(RqvaeRayError, ValueError):
+    """A codebooks file that is missing, unreadable or not in a codebooks layout."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CodebooksMismatchError(RqvaeRayError, ValueError):
+    """Two codebooks files that do not hold the same POIs in the same order, so they cannot be compared."""
+
+    def __init__(self, a: str, b: str, reason: str) -> None:
+        super().__init__(f"{a} and {b} do not hold the same POIs: {reason}; compare files of the same dataset")
+        self.a = a
+        self.b = b
+        self.reason = reason
+
+
 class PoolStartTimeout(RqvaeRayError):
     """The cluster could not hold a dataset's encoder actors within ``--actor-wait-s``."""
 
