@@ -1,20 +1,26 @@
 """rqvae_ray: exact, distributed RQ-VAE semantic-ID batch inference for POIs on Ray Data.
 
-The original system's API is importable from here; it is loaded on first use so that Ray actors, which import
-submodules of this package, do not pay for the driver-side imports.
+The public names below are loaded on first use, so that Ray actors, which import submodules of this package, do not
+pay for the driver-side imports (and ``import rqvae_ray`` stays free of pandas, pyarrow and torch).
 """
 
 __version__ = "0.1.0"
-__all__ = ["BatchInferenceManager", "BatchInferenceProcessor", "ModelConfigParser", "__version__", "read_codebooks"]
+_EXPORTS = {
+    "BatchInferenceManager": "rqvae_ray.api",
+    "BatchInferenceProcessor": "rqvae_ray.api",
+    "ModelConfigParser": "rqvae_ray.api",
+    "read_codebooks": "rqvae_ray.readers",
+    "iter_codebooks": "rqvae_ray.readers",
+    "results_frame": "rqvae_ray.summary",
+    "load_model": "rqvae_ray.model",
+    "diff_codebooks": "rqvae_ray.diff",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("BatchInferenceManager", "BatchInferenceProcessor", "ModelConfigParser"):
-        from rqvae_ray import api
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(api, name)
-    if name == "read_codebooks":
-        from rqvae_ray.readers import read_codebooks
-
-        return read_codebooks
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'rqvae_ray' has no attribute {name!r}")

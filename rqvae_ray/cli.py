@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
+from rqvae_ray.console import LOG_DIR, LiveProgress, RunConsole, make_progress, new_log_path
 from rqvae_ray.contract import OutputFormat, OutputSpec
-from rqvae_ray.errors import RayConnectionLost, RqvaeRayError
-from rqvae_ray.model_ids import DEFAULT_MODELS, read_models_file, split_model_ids
+from rqvae_ray.errors import RayConnectionLost, RqvaeRayError, reason_of
+from rqvae_ray.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
 from rqvae_ray.plan import PoolMode, PoolSizing
 from rqvae_ray.progress import Progress
+from rqvae_ray.ray_cluster import stop_ray
 from rqvae_ray.stores import HfHub, LocalHub
+from rqvae_ray.summary import table_text, write_summary_json
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
@@ -29,32 +33,6 @@ app = typer.Typer(add_completion=False, help="Turn POI features into semantic ID
 def _flag(name: str, help: str):  # noqa: A002 - typer's own parameter name
     """A boolean option shown as a plain flag (no value) in --help."""
     return typer.Option(name, help=help, metavar="")
-
-
-def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-
-
-def _table(results: list[ModelResult]) -> str:
-    header = ("model", "status", "rows", "unique SIDs", "POIs sharing an SID", "seconds", "output / reason")
-    rows = [
-        (
-            r.model_id,
-            ("skipped" if r.skipped else "ok") if r.ok else "FAILED",
-            str(r.rows) if r.ok else "-",
-            str(r.unique_sids) if r.ok else "-",
-            str(r.shared_pois) if r.ok else "-",
-            f"{r.seconds:.1f}",
-            (r.path or f"uploaded @ {r.commit}") if r.ok else r.error,
-        )
-        for r in results
-    ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header[:-1])]
-    lines = []
-    for row in (header, *rows):
-        cells = [cell.ljust(widths[i]) if i < len(widths) else cell for i, cell in enumerate(row)]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
 
 
 @app.command()
@@ -129,112 +107,170 @@ def run(
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
     ] = None,
-    debug: Annotated[bool, _flag("--debug", "Show tracebacks.")] = False,
+    quiet: Annotated[bool, _flag("--quiet", "Print only the final table and errors.")] = False,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Also write the final table, quality figures and exit reason as JSON here.")
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(help=f"Where Ray's own output goes (default: a new file in {LOG_DIR}); the summary names it."),
+    ] = None,
+    debug: Annotated[bool, _flag("--debug", "Show Ray's output on the console, and tracebacks.")] = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
+    console = RunConsole(None if debug else (log_file or new_log_path()))
+    with console.captured():
+        selected = _select(console, model_ids, models_file, dataset)
+        if isinstance(selected, _Outcome):
+            _finish(console, selected, summary_json)
+        if actors_per_pool is not None:
+            min_actors = max_actors = actors_per_pool
+        if min_actors is not None and max_actors is not None and min_actors > max_actors:
+            console.error(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
+            _finish(console, _Outcome(2, "invalid arguments"), summary_json)
+        specs, invalid = selected
+        progress = make_progress(console, quiet)
+        if demo:
+            hub_dir, out_dir = hub_dir or DEMO_HUB, out_dir or DEMO_OUT
+        try:
+            if demo and not hub_dir.exists():
+                from rqvae_ray.demo import build_demo_hub
+
+                progress.note(f"building the demo hub in {hub_dir} ...")
+                build_demo_hub(hub_dir, progress=progress.note)
+            options = RunOptions(
+                hub=HfHub(revision, dataset_revision) if hub_dir is None else LocalHub(hub_dir),
+                out_dir=None if out_dir is None else str(out_dir.resolve()),
+                upload=upload or out_dir is None,
+                base_folder=base_folder,
+                output=OutputSpec(output_format, dedup, sid_tokens),
+                pools=PoolSizing(pools, min_actors, max_actors, cpus_per_actor, gpus_per_actor),
+                batch_size=batch_size,
+                actor_wait_s=actor_wait_s,
+                address=address,
+                force=force,
+                upload_retries=upload_retries,
+            )
+            check_setup(options)
+        except RqvaeRayError as exc:
+            console.error(str(exc))
+            _finish(console, _Outcome(2, "setup error", invalid), summary_json)
+        outcome = _execute(console, specs, invalid, options, progress, debug)
+        _report(console, outcome.results, report_dir or out_dir)
+        if console.log_path is not None:
+            console.echo(f"Ray's own output of this run: {console.log_path}")
+        failed = [r for r in outcome.results if not r.ok]
+        console.echo(f"\n{len(outcome.results) - len(failed)} of {len(outcome.results)} models succeeded")
+        _finish(console, outcome, summary_json)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a run ended: its exit status, the reason, and a result per model."""
+
+    code: int
+    reason: str
+    results: list[ModelResult] = field(default_factory=list)
+
+
+def _finish(console: RunConsole, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
+    """Write ``--summary-json`` and exit with the outcome's status."""
+    if summary_json is not None:
+        log = str(console.log_path or "")
+        try:
+            write_summary_json(summary_json, outcome.results, outcome.code, outcome.reason, log)
+        except OSError as exc:
+            console.error(f"the summary JSON was not written to {summary_json} ({exc.strerror or exc})")
+    raise typer.Exit(outcome.code)
+
+
+def _select(
+    console: RunConsole, model_ids: list[str] | None, models_file: Path | None, dataset: str | None
+) -> tuple[list[ModelSpec], list[ModelResult]] | _Outcome:
+    """The models to run and a failed result per invalid model ID, or the outcome when nothing can run."""
     values = [m for m in model_ids or [] if m.strip().lower() in FLAG_VALUES]
     if values:
-        _err(f"{values[0]!r} is not a model ID: flags take no value (write --force, not --force {values[0]})")
-        raise typer.Exit(2)
+        console.error(f"{values[0]!r} is not a model ID: flags take no value (write --force, not --force {values[0]})")
+        return _Outcome(2, "invalid arguments")
     requested = list(model_ids or [])
     if models_file is not None:
         try:
             requested += read_models_file(models_file)
         except RqvaeRayError as exc:
-            _err(str(exc))
-            raise typer.Exit(2) from None
+            console.error(str(exc))
+            return _Outcome(2, "unreadable models file")
     specs, bad_ids, duplicates = split_model_ids(requested or list(DEFAULT_MODELS))
-    for reason in bad_ids.values():
-        _err(f"invalid model ID {reason}")
+    invalid = [ModelResult(m, "", ok=False, error=f"invalid model ID {why}") for m, why in bad_ids.items()]
+    for result in invalid:
+        console.error(result.error)
     for model_id, count in duplicates.items():
-        typer.echo(f"note: {model_id} was given {count} times; running it once")
-    if not specs:
-        raise typer.Exit(2)
+        console.echo(f"note: {model_id} was given {count} times; running it once")
     if dataset is not None:
         specs = [s for s in specs if dataset in (s.dataset, s.dataset_repo)]
-        if not specs:
-            _err(f"no requested model is a {dataset} model")
-            raise typer.Exit(2)
-    if actors_per_pool is not None:
-        min_actors = max_actors = actors_per_pool
-    if min_actors is not None and max_actors is not None and min_actors > max_actors:
-        _err(f"--min-actors {min_actors} is larger than --max-actors {max_actors}")
-        raise typer.Exit(2)
-    if demo:
-        hub_dir = hub_dir or DEMO_HUB
-        out_dir = out_dir or DEMO_OUT
-    try:
-        if demo and not hub_dir.exists():
-            from rqvae_ray.demo import build_demo_hub
+        if not specs and not invalid:
+            console.error(f"no requested model is a {dataset} model")
+            return _Outcome(2, "no model to run")
+    if not specs:
+        return _Outcome(2, "invalid model IDs", invalid)
+    return specs, invalid
 
-            typer.echo(f"building the demo hub in {hub_dir} ...")
-            build_demo_hub(hub_dir, progress=typer.echo)
-        options = RunOptions(
-            hub=HfHub(revision, dataset_revision) if hub_dir is None else LocalHub(hub_dir),
-            out_dir=None if out_dir is None else str(out_dir.resolve()),
-            upload=upload or out_dir is None,
-            base_folder=base_folder,
-            output=OutputSpec(output_format, dedup, sid_tokens),
-            pools=PoolSizing(pools, min_actors, max_actors, cpus_per_actor, gpus_per_actor),
-            batch_size=batch_size,
-            actor_wait_s=actor_wait_s,
-            address=address,
-            force=force,
-            upload_retries=upload_retries,
-        )
-        check_setup(options)
-    except RqvaeRayError as exc:
-        _err(str(exc))
-        raise typer.Exit(2) from None
+
+def _execute(
+    console: RunConsole,
+    specs: list[ModelSpec],
+    invalid: list[ModelResult],
+    options: RunOptions,
+    progress: Progress,
+    debug: bool,
+) -> _Outcome:
+    """Run the models, then print the errors and the summary table."""
     try:
-        results = run_models(specs, options, Progress(typer.echo))
+        results = run_models(specs, options, progress)
     except (KeyboardInterrupt, RayConnectionLost) as exc:
         lost = isinstance(exc, RayConnectionLost)
-        _err(str(exc) if lost else "interrupted; finished outputs are kept, unfinished ones were not published")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # Exit at once: a normal shutdown would race the dataset threads still inside Ray calls. Ray's local
-        # processes and this run's actors end with the driver; partial files are cleaned up by the next run.
+        console.error(
+            str(exc) if lost else "interrupted; finished outputs are kept, unfinished ones were not published"
+        )
+        stop_ray()
+        # Exit at once: the dataset threads may still be inside Ray calls, and nothing is left to wait for.
+        for stream in (console.out, console.err, sys.stdout, sys.stderr):
+            stream.flush()
         os._exit(1 if lost else 130)
     except Exception as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _err(f"{type(exc).__name__}: {first} (--debug for details)")
-        raise typer.Exit(1) from None
+        console.error(f"{reason_of(exc)} (--debug for details; Ray's output is in {console.log_path})")
+        return _Outcome(1, "internal error", invalid)
+    finally:
+        if isinstance(progress, LiveProgress):
+            progress.stop()
     for result in results:
         if not result.ok:
-            _err(f"{result.model_id}: {result.error}")
-    invalid = [
-        ModelResult(model_id, "", ok=False, error=f"invalid model ID {why}") for model_id, why in bad_ids.items()
-    ]
+            console.error(f"{result.model_id}: {result.error}")
     results += invalid
-    typer.echo("")
-    typer.echo(_table(results))
+    console.echo("")
+    console.echo(table_text(results))
     failed = [r for r in results if not r.ok]
-    _report(results, report_dir or out_dir)
-    typer.echo(f"\n{len(results) - len(failed)} of {len(results)} models succeeded")
-    if failed:
-        raise typer.Exit(1)
+    return _Outcome(1, f"{len(failed)} model(s) failed", results) if failed else _Outcome(0, "ok", results)
 
 
-def _report(results: list[ModelResult], folder: Path | None) -> None:
+def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:
     """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
     from rqvae_ray.report import draw_quality_png, quality_table, write_quality_json
 
     reports = {r.model_id: r.quality for r in results if r.ok and r.quality}
     if not reports:
         return
-    typer.echo("\nSID quality\n" + quality_table(reports))
+    console.echo("\nSID quality\n" + quality_table(reports))
     if folder is None:
         return
     try:
         json_path = write_quality_json(folder / "sid_quality.json", reports)
         png_path = draw_quality_png(folder / "sid_quality.png", reports)
     except RqvaeRayError as exc:
-        _err(f"warning: the quality report was not written ({exc})")
+        console.error(f"warning: the quality report was not written ({exc})")
         return
-    typer.echo(f"quality report: {json_path} and {png_path}")
+    console.echo(f"quality report: {json_path} and {png_path}")
 
 
 def main() -> None:

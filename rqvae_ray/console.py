@@ -23,6 +23,22 @@ from rich.progress import Progress as RichProgress
 
 from rqvae_ray.progress import Progress, Quiet
 
+LOG_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rqvae_ray" / "logs"
+# Run logs kept in LOG_DIR; older ones are removed when a run starts.
+KEEP_LOGS = 20
+
+
+def new_log_path() -> Path:
+    """A new run log file in :data:`LOG_DIR` (the oldest logs beyond :data:`KEEP_LOGS` are removed)."""
+    try:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        logs = sorted(LOG_DIR.glob("run-*.log"), key=lambda p: p.stat().st_mtime)
+        for old in logs[: max(0, len(logs) - KEEP_LOGS + 1)]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return LOG_DIR / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
 
 class RunConsole:
     """The terminal of a run: ``out`` and ``err`` reach the user; Ray's output goes to ``log_path``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,19 +41,23 @@ from rqvae_ray.writer import ModelTarget, Published
 MIN_BLOCK_ROWS = 256
 # Blocks handed to the writer but not yet written; bounds the driver's and the object store's backlog.
 MAX_PENDING_WRITES = 16
+# How long an interrupted run waits for its datasets to stop and drop their unfinished files.
+CANCEL_WAIT_S = 5.0
 
 
 @dataclass
 class ModelResult:
-    """Outcome of one model."""
+    """Outcome of one model: ``encode_seconds`` is the time its encoder took (summed over its actors),
+    ``dataset_seconds`` the wall time of its whole dataset (loading, encoding every model, writing, uploading)."""
 
     model_id: str
-    dataset: str
+    dataset: str  # the dataset repo, org/dataset
     ok: bool
     error: str = ""
     skipped: bool = False
     rows: int = 0
-    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    dataset_seconds: float = 0.0
     path: str = ""
     sha256: str = ""
     commit: str = ""
@@ -121,6 +125,9 @@ def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress |
         by_id = {r.model_id: r for f in futures for r in f.result()}
     except BaseException:
         cancel.set()
+        # Each dataset stops at its next block and drops its unfinished files; a dataset stuck in a Ray call (the
+        # cluster lost, say) is not waited for long.
+        wait(futures, timeout=CANCEL_WAIT_S)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -161,7 +168,7 @@ def _run_dataset(
     try:
         loaded = _load(repo, specs, options, progress)
     except RqvaeRayError as exc:
-        return [ModelResult(s.model_id, s.dataset, ok=False, error=str(exc)) for s in specs]
+        return [ModelResult(s.model_id, s.dataset_repo, ok=False, error=str(exc)) for s in specs]
     results = loaded.results
     if loaded.ready:
         writer = writer_ready.result()
@@ -169,7 +176,7 @@ def _run_dataset(
             results[result.model_id] = result
     elapsed = time.monotonic() - started
     for result in results.values():
-        result.seconds = result.seconds or elapsed
+        result.dataset_seconds = elapsed
     return [results[s.model_id] for s in specs]
 
 
@@ -194,7 +201,7 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
                     f"{features.dim}; pair the model with the dataset it was trained on",
                 )
         except RqvaeRayError as exc:
-            results[spec.model_id] = ModelResult(spec.model_id, spec.dataset, ok=False, error=str(exc))
+            results[spec.model_id] = ModelResult(spec.model_id, spec.dataset_repo, ok=False, error=str(exc))
             continue
         provenance = Provenance(weights.sha256, revision, features.sha256, features.revision)
         candidate = _Ready(spec, weights, provenance)
@@ -204,7 +211,7 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
             progress.note(f"{spec.model_id}: up to date ({path}); skipped, use --force to redo")
             results[spec.model_id] = ModelResult(
                 spec.model_id,
-                spec.dataset,
+                spec.dataset_repo,
                 ok=True,
                 skipped=True,
                 rows=existing.entry.rows,
@@ -292,7 +299,6 @@ def _encode_and_write(
 
     features, ready = loaded.features, loaded.ready
     repo, pois, models = features.repo, features.num_pois, len(ready)
-    started = time.monotonic()
     plan = plan_dataset([r.weights.nbytes for r in ready], pois, options.pools, ClusterShape.current(), datasets)
     progress.note(f"{repo}: {plan.describe()}")
     targets = [
@@ -337,14 +343,14 @@ def _encode_and_write(
             ray.get(writer.abort.remote(repo))
         except ray.exceptions.RayError:
             pass
-    seconds = time.monotonic() - started
     by_model = {p.entry.model_id: p for p in published}
     results = []
     for item in ready:
-        result = ModelResult(item.spec.model_id, item.spec.dataset, ok=not failure, error=failure, seconds=seconds)
+        result = ModelResult(item.spec.model_id, item.spec.dataset_repo, ok=not failure, error=failure)
         done = by_model.get(item.spec.model_id)
         if done is not None:
             result.rows, result.sha256, result.quality = done.entry.rows, done.entry.sha256, done.entry.sid_stats
+            result.encode_seconds = done.entry.encode_seconds
             result.path = done.path if options.out_dir is not None else ""
             result.commit = commit
         results.append(result)

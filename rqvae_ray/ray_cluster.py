@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
@@ -115,6 +116,20 @@ def _pool_start_failure(num_cpus: float, num_gpus: float, wait_s: float) -> str:
         "lower --gpus-per-actor, --cpus-per-actor or the actors per pool, add nodes, or raise --actor-wait-s if "
         "nodes are still starting"
     )
+
+
+def stop_ray(within_s: float = 15.0) -> None:
+    """Shut Ray down (a private local Ray's processes end with it), giving up after ``within_s`` seconds.
+
+    Used when a run stops early (interrupted, or the cluster lost): other threads may still be inside Ray calls, and
+    a shutdown that hangs on them must not keep the process alive.
+    """
+    import ray
+
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (ray.shutdown(), done.set()), daemon=True)
+    thread.start()
+    done.wait(within_s)
 
 
 def _gcs_reachable(address: str) -> bool:
