@@ -8,10 +8,12 @@ import struct
 import subprocess
 import sys
 
+import matplotlib
 import numpy as np
 import pytest
+from PIL import Image
 
-from rqvae_ray.report import ReportError, draw_quality_png, quality_table, write_quality_json
+from rqvae_ray.report import LEVEL_COLORS, ReportError, draw_quality_png, quality_table, write_quality_json
 from rqvae_ray.sid_stats import SidCounter, pack_codes
 
 # Six POIs, codebooks of 4: P1 and P2 collide, P3 shares their first two codes, P4 only the first.
@@ -77,11 +79,48 @@ def _reports() -> dict[str, dict]:
 
 def test_json_round_trip(tmp_path):
     reports = _reports()
-    path = write_quality_json(tmp_path / "out" / "sid_quality.json", reports)
+    path = tmp_path / "out" / "sid_quality.json"
+    assert write_quality_json(path, reports) == reports
     document = json.loads(path.read_text())
     assert document["tool"] == "rqvae_ray" and document["models"] == reports
     assert list(document["models"]) == list(reports)  # run order kept
     assert [p.name for p in path.parent.iterdir()] == ["sid_quality.json"]  # no staged file left behind
+
+
+def test_runs_into_one_folder_accumulate(tmp_path):
+    reports = _reports()
+    models = list(reports)
+    path = tmp_path / "sid_quality.json"
+    first = {m: reports[m] for m in models[:6]}
+    write_quality_json(path, first)
+    # The second run redoes models 4 and 5 with other figures and adds 6 to 9.
+    second = {m: reports[models[(i + 1) % len(models)]] for i, m in enumerate(models[4:], start=4)}
+    merged = write_quality_json(path, second)
+    assert list(merged) == models  # the first run's models keep their place, new ones follow
+    assert merged == {**first, **second}
+    assert merged[models[4]] == reports[models[5]] != first[models[4]]  # the second run's figures win
+    assert merged[models[0]] == first[models[0]]
+    assert json.loads(path.read_text())["models"] == merged
+    assert [p.name for p in tmp_path.iterdir()] == ["sid_quality.json"]
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [
+        b"\x00{not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        json.dumps({"tool": "other", "models": {"org/x": {}}}).encode(),
+        json.dumps({"tool": "rqvae_ray", "models": {"org/x": {"pois": 3}}}).encode(),
+        json.dumps({"tool": "rqvae_ray", "models": ["org/x"]}).encode(),
+    ],
+)
+def test_unusable_existing_report_is_replaced(tmp_path, existing):
+    path = tmp_path / "sid_quality.json"
+    path.write_bytes(existing)
+    reports = {"org/rqvae-hand": _summary(CODES, (4, 4, 4))}
+    assert write_quality_json(path, reports) == reports
+    assert json.loads(path.read_text())["models"] == reports
 
 
 def test_table_lists_every_model_and_its_numbers():
@@ -111,13 +150,41 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def test_png_one_file_readable_size(tmp_path):
     reports = _reports()
+    hinting = matplotlib.rcParams["text.hinting"]
     path = draw_quality_png(tmp_path / "sid_quality.png", reports)
+    assert matplotlib.rcParams["text.hinting"] == hinting  # the faster text setting does not leak
     width, height = _png_size(path.read_bytes())
-    assert width >= 1600 and height >= 240 * len(reports)  # about 2.5 inches per model row at 110 dpi
+    assert width >= 1600 and height >= 240 * len(reports)  # about 2.35 inches per model row at 110 dpi
     assert [p.name for p in tmp_path.iterdir()] == ["sid_quality.png"]
     single = draw_quality_png(tmp_path / "one.png", {"org/rqvae-hand": reports["org/rqvae-hand"]})
     one_width, one_height = _png_size(single.read_bytes())
     assert one_width == width and one_height < height / 5
+
+
+def _colors(path) -> set[tuple[int, int, int]]:
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    return {tuple(int(v) for v in color) for color in np.unique(pixels, axis=0)}
+
+
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    return tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def _unused_tick_ink(colors: set[tuple[int, int, int]]) -> bool:
+    """Whether the thin pure-red ticks of unused codewords show: antialiased onto white they are (255, g, g)."""
+    return any(r == 255 and g == b < 160 for r, g, b in colors)
+
+
+def test_png_draws_usage_unused_codewords_and_buckets(tmp_path):
+    # Level 1 leaves codeword 2 unused; the buckets hold unique (green) and collided (red) SIDs.
+    colors = _colors(draw_quality_png(tmp_path / "hand.png", {"org/rqvae-hand": _summary(CODES, (4, 4, 4))}))
+    assert {_rgb(c) for c in LEVEL_COLORS[:3]} | {_rgb("#2ca02c"), _rgb("#d62728")} <= colors
+    assert _unused_tick_ink(colors)
+    # Every codeword used and no collisions: no red anywhere.
+    uniform = _summary([[k, k] for k in range(4)], (4, 4))
+    colors = _colors(draw_quality_png(tmp_path / "uniform.png", {"org/uniform": uniform}))
+    assert _rgb(LEVEL_COLORS[0]) in colors and _rgb("#d62728") not in colors and not _unused_tick_ink(colors)
+    assert _rgb(LEVEL_COLORS[2]) not in colors  # two levels drawn, not three
 
 
 def test_png_edge_cases(tmp_path):
@@ -127,15 +194,17 @@ def test_png_edge_cases(tmp_path):
         "org/collapsed": _summary([[0, 0, 0, 0]] * 3000, (8, 8, 8, 8)),
     }
     _png_size(draw_quality_png(tmp_path / "edge.png", reports).read_bytes())
-    with pytest.raises(ReportError, match="no model summaries"):
+    with pytest.raises(ReportError) as raised:
         draw_quality_png(tmp_path / "none.png", {})
+    assert raised.value.path == str(tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 def test_unwritable_target_is_a_report_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(ReportError, match="cannot write"):
+    with pytest.raises(ReportError) as raised:
         write_quality_json(blocker / "sid_quality.json", _reports())
+    assert raised.value.path == str(blocker / "sid_quality.json")
 
 
 def test_importing_the_report_does_not_import_matplotlib():
