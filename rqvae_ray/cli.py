@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -18,13 +20,15 @@ from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
 from rqvae_ray.plan import PoolMode, PoolSizing
 from rqvae_ray.progress import Progress
-from rqvae_ray.ray_cluster import stop_ray
+from rqvae_ray.ray_cluster import begin_stopping_ray, stop_ray
 from rqvae_ray.stores import HfHub, LocalHub
 from rqvae_ray.summary import table_text, write_summary_json
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
 # Positionals that are values, not model IDs: what `--force true` leaves behind.
+# How long a finished run waits for Ray to shut down (it runs while the quality report is drawn).
+RAY_STOP_WAIT_S = 15.0
 FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 app = typer.Typer(add_completion=False, help="Turn POI features into semantic IDs with RQ-VAE models on Ray.")
@@ -155,8 +159,11 @@ def run(
         except RqvaeRayError as exc:
             console.error(str(exc))
             _finish(console, _Outcome(2, "setup error", invalid), summary_json)
+        threading.Thread(target=_import_plotting, daemon=True).start()
         outcome = _execute(console, specs, invalid, options, progress, debug)
+        stopping = begin_stopping_ray()
         _report(console, outcome.results, report_dir or out_dir)
+        stopping.wait(RAY_STOP_WAIT_S)
         if console.log_path is not None:
             console.echo(f"Ray's own output of this run: {console.log_path}")
         failed = [r for r in outcome.results if not r.ok]
@@ -254,6 +261,12 @@ def _execute(
     return _Outcome(1, f"{len(failed)} model(s) failed", results) if failed else _Outcome(0, "ok", results)
 
 
+def _import_plotting() -> None:
+    """Import matplotlib while the run waits on Ray, rather than after it, when the quality report is drawn."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:
     """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
     from rqvae_ray.report import draw_quality_png, quality_table, write_quality_json
@@ -264,18 +277,31 @@ def _report(console: RunConsole, results: list[ModelResult], folder: Path | None
     console.echo("\nSID quality\n" + quality_table(reports))
     if folder is None:
         return
+    json_path, png_path = folder / "sid_quality.json", folder / "sid_quality.png"
     try:
-        json_path = write_quality_json(folder / "sid_quality.json", reports)
-        png_path = draw_quality_png(folder / "sid_quality.png", reports)
+        merged = write_quality_json(json_path, reports)  # with the other models already reported in this folder
+        draw_quality_png(png_path, merged)
     except RqvaeRayError as exc:
         console.error(f"warning: the quality report was not written ({exc})")
         return
-    console.echo(f"quality report: {json_path} and {png_path}")
+    console.echo(f"quality report: {json_path} and {png_path} ({len(merged)} models)")
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="rqvae-ray")
+def main() -> NoReturn:
+    """Console-script entry point (also ``python -m rqvae_ray.run``).
+
+    Once the command has returned, its files are published and Ray is shut down; the process then ends at once,
+    because the interpreter's own teardown of torch, Ray and Arrow takes seconds and does nothing for the user.
+    """
+    try:
+        app(prog_name="rqvae-ray")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

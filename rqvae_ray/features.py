@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import warnings
 import zipfile
@@ -17,6 +16,7 @@ import pyarrow as pa
 
 from rqvae_ray.encoder import SparseRows
 from rqvae_ray.errors import DatasetError
+from rqvae_ray.outputs import sha256_files
 from rqvae_ray.stores import DatasetFiles
 
 if TYPE_CHECKING:
@@ -34,15 +34,6 @@ class PoiFeatures:
     revision: str
     rows: SparseRows | None = None
     shards: tuple[str, ...] = ()
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_dense_features(path: Path, repo: str) -> np.ndarray:
@@ -285,7 +276,7 @@ def _validated(files: DatasetFiles, meta: _Metadata, num_pois: int, dim: int, **
         repo=files.repo,
         dim=dim,
         num_pois=num_pois,
-        sha256=_sha256_files(files.features),
+        sha256=sha256_files(files.features),
         revision=files.revision,
         **data,
     )

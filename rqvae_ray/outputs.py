@@ -9,6 +9,7 @@ place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,7 +84,8 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         write(partial)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # gone after os.replace; unreachable when the folder is
+            partial.unlink(missing_ok=True)
     return path
 
 

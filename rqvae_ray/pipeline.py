@@ -105,22 +105,22 @@ def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress |
     progress = progress or Progress()
     groups = group_by_dataset(specs)
     cancel = threading.Event()
-    writer_ready: Future = Future()
+    started: Future = Future()
     pool = ThreadPoolExecutor(max_workers=len(groups))
     futures = [
-        pool.submit(_run_dataset, f"{org}/{dataset}", group, options, progress, len(groups), cancel, writer_ready)
+        pool.submit(_run_dataset, f"{org}/{dataset}", group, options, progress, len(groups), cancel, started)
         for (org, dataset), group in groups.items()
     ]
     writer = None
     try:
         try:
-            start_ray(options.address)
+            cluster = start_ray(options.address)
             configure_data_context()
             writer = _start_writer(len(groups))
         except BaseException as exc:
-            writer_ready.set_exception(exc)
+            started.set_exception(exc)
             raise
-        writer_ready.set_result(writer)
+        started.set_result(_Started(writer, cluster))
         wait_watching_cluster(futures)
         by_id = {r.model_id: r for f in futures for r in f.result()}
     except BaseException:
@@ -136,6 +136,14 @@ def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress |
 
         ray.kill(writer)
     return [by_id[s.model_id] for s in specs]
+
+
+@dataclass(frozen=True)
+class _Started:
+    """What the main thread hands the dataset threads once Ray is up: the final writer actor and the cluster."""
+
+    writer: object
+    cluster: ClusterShape
 
 
 def _start_writer(datasets: int):
@@ -161,7 +169,7 @@ def _run_dataset(
     progress: Progress,
     datasets: int,
     cancel: threading.Event,
-    writer_ready: Future,
+    started_ray: Future,
 ) -> list[ModelResult]:
     """Run every model of one dataset; never raises for model or dataset problems."""
     started = time.monotonic()
@@ -171,8 +179,7 @@ def _run_dataset(
         return [ModelResult(s.model_id, s.dataset_repo, ok=False, error=str(exc)) for s in specs]
     results = loaded.results
     if loaded.ready:
-        writer = writer_ready.result()
-        for result in _encode_and_write(loaded, options, progress, datasets, cancel, writer):
+        for result in _encode_and_write(loaded, options, progress, datasets, cancel, started_ray.result()):
             results[result.model_id] = result
     elapsed = time.monotonic() - started
     for result in results.values():
@@ -293,13 +300,14 @@ def _encode_and_write(
     progress: Progress,
     datasets: int,
     cancel: threading.Event,
-    writer,
+    started: _Started,
 ) -> list[ModelResult]:
     import ray
 
+    writer, cluster = started.writer, started.cluster
     features, ready = loaded.features, loaded.ready
     repo, pois, models = features.repo, features.num_pois, len(ready)
-    plan = plan_dataset([r.weights.nbytes for r in ready], pois, options.pools, ClusterShape.current(), datasets)
+    plan = plan_dataset([r.weights.nbytes for r in ready], pois, options.pools, cluster, datasets)
     progress.note(f"{repo}: {plan.describe()}")
     targets = [
         ModelTarget(
@@ -315,9 +323,10 @@ def _encode_and_write(
     failure, commit = "", ""
     published: list[Published] = []
     try:
-        ray.get(writer.open.remote(repo, targets, options.out_dir, options.base_folder, options.output, pois))
+        # Not waited for: the writes queue behind it, and an error here fails them.
+        writer.open.remote(repo, targets, options.out_dir, options.base_folder, options.output, pois)
         first = plan.pools[0]
-        reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s)
+        reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, cluster)
         ds = build_dataset(features, ready, plan, options.output, options.batch_size)
         progress.dataset_started(repo, pois, models)
         pending = []

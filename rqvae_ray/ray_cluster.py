@@ -13,17 +13,19 @@ from dataclasses import dataclass
 from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on loopback."""
+def start_ray(address: str | None) -> ClusterShape:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on loopback; returns what
+    the cluster offers."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # A private single-machine Ray has no reason to listen beyond loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    private = False
     if ray.is_initialized():
-        return
-    if address:
+        pass
+    elif address:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(
@@ -32,7 +34,10 @@ def start_ray(address: str | None) -> None:
             log_to_driver=False,
             object_store_memory=local_object_store_bytes(),
         )
+        private = True
     import ray.data  # noqa: F401 - imported here, while datasets load in other threads, not on the critical path
+
+    return ClusterShape.current(private)
 
 
 def local_object_store_bytes() -> int:
@@ -63,21 +68,25 @@ def configure_data_context() -> None:
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """What the cluster offers in all: CPUs and GPUs."""
+    """What the cluster offers in all: CPUs and GPUs; ``private`` when it is a local Ray this run started (whose
+    resources never change and hold nothing else)."""
 
     cpus: float
     gpus: float
+    private: bool = False
 
     @classmethod
-    def current(cls) -> ClusterShape:
+    def current(cls, private: bool = False) -> ClusterShape:
         import ray
 
         resources = ray.cluster_resources()
-        return cls(cpus=float(resources.get("CPU", 1.0)), gpus=float(resources.get("GPU", 0.0)))
+        return cls(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), private)
 
 
-def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float) -> None:
+def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float, cluster: ClusterShape) -> None:
     """Return once the cluster can hold ``actors`` encoder actors of this size at the same time.
+
+    On a private local Ray the answer is known at once from its resources; elsewhere a placement group probes.
 
     Ray Data starts its actor pools asynchronously (``wait_for_min_actors_s = -1``), so that all pools' actors start
     together rather than one pool after another (a GPU actor spends seconds starting torch and CUDA); this check keeps
@@ -88,6 +97,10 @@ def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float)
 
     bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount}
     if not bundle or actors < 1:
+        return
+    if cluster.private:
+        if num_cpus * actors > cluster.cpus or num_gpus * actors > cluster.gpus:
+            raise PoolStartTimeout(_pool_start_failure(num_cpus, num_gpus, wait_s))
         return
     group = placement_group([bundle] * actors)
     try:
@@ -118,18 +131,23 @@ def _pool_start_failure(num_cpus: float, num_gpus: float, wait_s: float) -> str:
     )
 
 
+def begin_stopping_ray() -> threading.Event:
+    """Start shutting Ray down in the background (a private local Ray's processes end with it); the event is set when
+    done. The driver goes on meanwhile (writing the quality report, say): the shutdown is mostly waiting."""
+    import ray
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (ray.shutdown(), done.set()), daemon=True).start()
+    return done
+
+
 def stop_ray(within_s: float = 15.0) -> None:
-    """Shut Ray down (a private local Ray's processes end with it), giving up after ``within_s`` seconds.
+    """Shut Ray down, giving up after ``within_s`` seconds.
 
     Used when a run stops early (interrupted, or the cluster lost): other threads may still be inside Ray calls, and
     a shutdown that hangs on them must not keep the process alive.
     """
-    import ray
-
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (ray.shutdown(), done.set()), daemon=True)
-    thread.start()
-    done.wait(within_s)
+    begin_stopping_ray().wait(within_s)
 
 
 def _gcs_reachable(address: str) -> bool:

@@ -8,17 +8,15 @@ written atomically (a temporary file beside the target, then ``os.replace``). ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rqvae_ray import __version__
 from rqvae_ray.errors import ReportError
+from rqvae_ray.outputs import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -280,14 +278,8 @@ def _short(number: int) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(staged)
-        os.replace(staged, path)
+        return atomic_write(path, write)
     except OSError as exc:
         raise ReportError(str(path), str(exc.strerror or exc)) from None
-    finally:
-        with contextlib.suppress(OSError):  # gone after os.replace; may be unreachable when the write failed
-            staged.unlink(missing_ok=True)
-    return path
