@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,35 +337,3 @@ def rows_from_table(table: pa.Table) -> SparseRows:
 def _reject_row(table: pa.Table, row: int) -> None:
     pid = table.column("Pid")[row].as_py()
     raise DatasetError("", f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
-
-
-def to_ray_dataset(features: PoiFeatures, block_rows: int):
-    """A Ray Dataset of the rows in Pid order (``block_rows`` POIs per in-memory block).
-
-    Parquet shards are read by tasks pinned to the driver's node (where the files are) and travel to the encoder
-    actors through the object store.
-    """
-    import ray
-    import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if features.shards:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        with warnings.catch_warnings():
-            # read_parquet has no named parameter for a scheduling strategy yet; ray_remote_args is the way.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            shards = ray.data.read_parquet(list(features.shards), ray_remote_args={"scheduling_strategy": here})
-        # A shard is one block of ~250k rows; smaller blocks keep every actor's memory small and flat in N.
-        return shards.repartition(target_num_rows_per_block=block_rows)
-    rows = features.rows
-    tables = []
-    for start in range(0, features.num_pois, block_rows):
-        stop = min(start + block_rows, features.num_pois)
-        lo, hi = rows.indptr[start], rows.indptr[stop]
-        part = SparseRows(
-            rows.indptr[start : stop + 1] - lo,
-            rows.indices[lo:hi],
-            None if rows.values is None else rows.values[lo:hi],
-        )
-        tables.append(sparse_table(part, first_pid=start + 1))
-    return ray.data.from_arrow(tables)

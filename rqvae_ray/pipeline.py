@@ -20,7 +20,7 @@ from rqvae_ray import __version__
 from rqvae_ray.checkpoint import ModelWeights, load_checkpoint_bytes
 from rqvae_ray.contract import OutputSpec
 from rqvae_ray.errors import Cancelled, CheckpointError, RqvaeRayError, reason_of
-from rqvae_ray.features import PoiFeatures, load_features, to_ray_dataset
+from rqvae_ray.features import PoiFeatures, load_features
 from rqvae_ray.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.options import RunOptions
 from rqvae_ray.outputs import (
@@ -265,8 +265,9 @@ def build_dataset(features: PoiFeatures, ready: list[_Ready], plan: DatasetPlan,
     from ray.data import ActorPoolStrategy
 
     from rqvae_ray.encode_stage import EncodeModels
+    from rqvae_ray.sources import poi_dataset
 
-    ds = to_ray_dataset(features, max(batch_size, MIN_BLOCK_ROWS))
+    ds = poi_dataset(features, max(batch_size, MIN_BLOCK_ROWS))
     for number, pool in enumerate(plan.pools):
         models = [(ready[i].spec.model_id, i, ready[i].weights) for i in pool.models]
         ds = ds.map_batches(

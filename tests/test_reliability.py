@@ -89,7 +89,29 @@ def bad_hub(tmp_path_factory):
     dataset("nometa")
     (hub / "datasets/nometa/nyc/RQVAE Dataset/metadata.json").unlink()
     dataset("badmeta", meta={**metadata, "total_dim": 999})
+    # Parquet shards: NaN in dense features is found by the encoder actors (inside Ray), a Pid gap on the driver.
+    _parquet_dataset(hub, "nanpq", with_nan, metadata, mapping, np.arange(1, N + 1))
+    _model(hub, "nanpq/rqvae-nyc-a", good)
+    _parquet_dataset(hub, "gappq", features, metadata, mapping, np.r_[1:201, 202 : N + 2])
+    _model(hub, "gappq/rqvae-nyc-a", good)
     return hub
+
+
+def _parquet_dataset(hub: Path, org: str, features: np.ndarray, metadata: dict, mapping, pids: np.ndarray) -> None:
+    """A dataset of two dense Parquet shards (rows 1-150 and 151-N) with the given Pid column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_dataset(hub, f"{org}/nyc", features, metadata, mapping)
+    base = hub / "datasets" / org / "nyc" / "RQVAE Dataset"
+    (base / "poi_features.pt").unlink()
+    (base / "poi_features").mkdir()
+    for part, rows in enumerate((slice(0, 150), slice(150, N))):
+        flat = pa.array(features[rows].ravel())
+        table = pa.table(
+            {"Pid": pa.array(pids[rows]), "features": pa.FixedSizeListArray.from_arrays(flat, features.shape[1])}
+        )
+        pq.write_table(table, base / "poi_features" / f"part-{part}.parquet")
 
 
 BAD_MODELS = {
@@ -112,14 +134,27 @@ BAD_MODELS = {
     "empty/rqvae-nyc-a": "empty (0 POIs)",
     "nometa/rqvae-nyc-a": "metadata.json' is missing",
     "badmeta/rqvae-nyc-a": "total_dim 999 but the features have 1407",
+    "nanpq/rqvae-nyc-a": "nanpq/nyc: features contain NaN or Inf (first at Pid 42)",
+    "gappq/rqvae-nyc-a": "row 51 (1-based) has Pid 202 where Pid 201 was expected",
+    "o" * 265 + "/rqvae-nyc-a": "at most 96",
 }
 
 
 def test_bad_input_catalogue(bad_hub, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("good/rqvae-nyc-ok", *BAD_MODELS, "--hub-dir", str(bad_hub), "--out-dir", str(out))
+    out, summary, log = tmp_path / "out", tmp_path / "summary.json", tmp_path / "run.log"
+    args = ["--hub-dir", str(bad_hub), "--out-dir", str(out), "--summary-json", str(summary), "--log-file", str(log)]
+    proc = run_cli("good/rqvae-nyc-ok", *BAD_MODELS, *args)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stdout + proc.stderr
+    console = proc.stdout + proc.stderr
+    # The console holds the project's own lines only: Ray's (and any traceback or retry advice) are in the log.
+    for noise in ("Traceback", "retry", "streaming_executor", "core_worker", "INFO worker.py", "WARNING"):
+        assert noise not in console, noise
+    assert f"Ray's own output of this run: {log}" in proc.stdout
+    assert "Started a local Ray instance" in log.read_text()
+    document = json.loads(summary.read_text())
+    assert document["exit_code"] == 1 and document["exit_reason"] == f"{len(BAD_MODELS)} model(s) failed"
+    rows = {row["model"]: row for row in document["models"]}
+    assert rows["good/rqvae-nyc-ok"]["status"] == "ok" and rows["good/rqvae-nyc-ok"]["quality"]["pois"] == N
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     for model_id, reason in BAD_MODELS.items():
         lines = [
