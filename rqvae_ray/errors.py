@@ -9,7 +9,18 @@ from __future__ import annotations
 
 
 class RqvaeRayError(Exception):
-    """Base class of the errors rqvae_ray raises on purpose; ``str(error)`` is the one-line reason."""
+    """Base class of the errors rqvae_ray raises on purpose; ``str(error)`` is the one-line reason.
+
+    The reason is kept as ``message`` as well as in ``args``: Ray Data appends its retry advice to the ``args`` of
+    an error raised in a task, and that advice is not the reason.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.args, self.__dict__))
@@ -176,7 +187,7 @@ def reason_of(error: BaseException) -> str:
     chain = _chain(error)
     for current in chain:
         if isinstance(current, RqvaeRayError) and getattr(current, "cause", None) is None:
-            return str(current.args[0]) if current.args else type(current).__name__
+            return current.message
     inner = chain[-1]
     lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
     return f"{type(inner).__name__}: {lines[0][:300]}" if lines else type(inner).__name__

@@ -59,6 +59,9 @@ def configure_data_context() -> None:
     # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
     # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
     ctx.max_errored_blocks = 0
+    # A UDF's own error (say, NaN in a feature row) reaches the driver as itself, with its one-line reason, rather
+    # than wrapped in Ray Data's UserCodeException, whose cause does not survive the trip between processes.
+    ctx.raise_original_map_exception = True
     # Every pool's actors start at once (see reserve_actors); waiting here would start the pools one after another.
     ctx.wait_for_min_actors_s = -1
     # The driver reports progress itself; Ray Data's per-operator bars and log lines would drown it.

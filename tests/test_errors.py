@@ -70,3 +70,14 @@ def test_reason_of_foreign_error_is_its_innermost_type_and_first_line():
     except RuntimeError as exc:
         assert errors.reason_of(_Wrapper(exc)) == "KeyError: 'Pid'"
     assert errors.reason_of(ValueError("")) == "ValueError"
+
+
+def test_the_reason_survives_advice_appended_to_args():
+    error = errors.DatasetError("o/d", "features contain NaN or Inf (first at Pid 42); fix the feature files")
+    error.args = (error.args[0] + "\nFailed to apply UDF transform after 1/1 attempts.\nTo change retry attempts ...",)
+    again = pickle.loads(pickle.dumps(error))
+    assert (
+        str(again)
+        == errors.reason_of(_Wrapper(again))
+        == "o/d: features contain NaN or Inf (first at Pid 42); fix the feature files"
+    )

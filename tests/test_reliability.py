@@ -7,9 +7,11 @@ import datetime
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,10 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from rqvae_ray.contract import OutputFormat, OutputSpec
 from rqvae_ray.demo import fit_checkpoint, nyc_features, tky_features, write_dataset
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
 from rqvae_ray.options import RunOptions
+from rqvae_ray.outputs import codebooks_filename, output_dir
 from rqvae_ray.pipeline import run_models
+from rqvae_ray.progress import Progress, Quiet
 from rqvae_ray.stores import LocalHub
 from tests.conftest import REPO, run_cli
 
@@ -118,7 +123,7 @@ BAD_MODELS = {
     "good/rqvae-div0.25": "must say its dataset",
     "good/rqvae-nyc-div0.2.5": "'div0.2.5' is not a number",
     "../x/..": "exactly one '/'",
-    "good/..": "may only use",
+    "good/..": "is a path, not a name",
     "good/rqvae-nyc-missing": "not found",
     "good/rqvae-nyc-truncated": "corrupt or truncated",
     "good/rqvae-nyc-pickle": "refused to load",
@@ -211,7 +216,7 @@ def _assert_complete(out: Path) -> None:
     for path in _visible_files(out):
         if path.name.startswith("codebooks-"):
             manifest = json.loads((path.parent / "rqvae_ray-manifest.json").read_text())
-            entry = next(e for e in manifest["models"].values() if e["file"] == path.name)
+            entry = manifest["files"][path.name]
             with path.open(newline="") as handle:
                 rows = list(csv.reader(handle))
             assert len(rows) == entry["rows"] + 1
@@ -253,6 +258,9 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
     if sig == signal.SIGINT:
         assert proc.returncode == 130, output[-2000:]
         assert "interrupted" in output
+        # Ray is shut down before the driver exits: none of the run's processes (its process group) lives on.
+        assert _group_empty_within(proc.pid, 20), [p.cmdline()[:2] for p in _group_members(proc.pid)]
+        assert not list(out.rglob("*.partial")), "an interrupted run left partial files behind"
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -266,6 +274,29 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
         rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
         assert (out / rel).read_bytes() == (reference / rel).read_bytes()
     assert not list(out.rglob("*.partial"))
+
+
+def _group_members(pgid: int) -> list:
+    """Live processes (zombies aside) of process group ``pgid``."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _group_empty_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _descendants_running(root_pid: int, marker: str) -> list:
@@ -350,3 +381,63 @@ def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(dem
     rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
     assert (out / rel).read_bytes() == (reference / rel).read_bytes()
     assert not [p for p in _visible_files(out) if "tky" in p.parts]
+
+
+class _Notes(Progress):
+    """Keeps the notes a run reports."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda _text: None)
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_outputs_publish_into_a_folder_on_another_filesystem(demo_hub, demo_run, local_ray, tmp_path):
+    spec = parse_model_id(DEFAULT_MODELS[0])
+    out = tmp_path / "out"
+    folder = output_dir(out, spec.dataset_repo, "LLM Dataset")
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert os.stat(elsewhere).st_dev != os.stat(tmp_path).st_dev
+        folder.parent.mkdir(parents=True)
+        folder.symlink_to(elsewhere)  # 'Intermediate Files' on a tmpfs, as a bind mount or network share would be
+        (result,) = run_models([spec], RunOptions(hub=LocalHub(demo_hub), out_dir=str(out)), Quiet())
+        assert result.ok, result.error
+        reference, _ = demo_run
+        name = codebooks_filename(spec.name, OutputFormat.CSV)
+        assert (elsewhere / name).read_bytes() == (
+            output_dir(reference, spec.dataset_repo, "LLM Dataset") / name
+        ).read_bytes()
+        assert not list(elsewhere.glob("*.partial"))
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_each_format_has_its_own_manifest_entry_and_changed_options_replace_the_file(demo_hub, local_ray, tmp_path):
+    spec = parse_model_id(DEFAULT_MODELS[0])
+    hub, out = LocalHub(demo_hub), str(tmp_path)
+    folder = output_dir(tmp_path, spec.dataset_repo, "LLM Dataset")
+    csv_name = codebooks_filename(spec.name, OutputFormat.CSV)
+    parquet_name = codebooks_filename(spec.name, OutputFormat.PARQUET)
+
+    def run(output: OutputSpec) -> list[str]:
+        notes = _Notes()
+        (result,) = run_models([spec], RunOptions(hub=hub, out_dir=out, output=output), notes)
+        assert result.ok, result.error
+        return notes.notes
+
+    run(OutputSpec())
+    run(OutputSpec(OutputFormat.PARQUET))
+    again = run(OutputSpec())
+    assert any("up to date" in note and csv_name in note for note in again)  # the Parquet run kept the CSV's entry
+    entries = json.loads((folder / "rqvae_ray-manifest.json").read_text())["files"]
+    assert set(entries) == {csv_name, parquet_name}
+    parquet_before = entries[parquet_name]
+    dedup = run(OutputSpec(dedup=True))
+    assert any(f"replacing {csv_name}" in note and "--dedup on" in note for note in dedup), dedup
+    entries = json.loads((folder / "rqvae_ray-manifest.json").read_text())["files"]
+    assert entries[csv_name]["dedup"] is True and entries[parquet_name] == parquet_before
+    assert any(len(json.loads(line.split('"')[1])) == 4 for line in (folder / csv_name).read_text().splitlines()[1:])
