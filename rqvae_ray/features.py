@@ -7,7 +7,7 @@ import hashlib
 import json
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ class PoiFeatures:
     revision: str
     rows: SparseRows | None = None
     shards: tuple[str, ...] = ()
+    shard_first_pids: tuple[int, ...] = ()  # the Pid of each shard's first row
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -177,7 +178,9 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
     meta = _read_metadata(files)
     columns: dict[str, pa.DataType] = {}
     next_pid = 1
+    first_pids = []
     for shard in files.features:
+        first_pids.append(next_pid)
         try:
             with pq.ParquetFile(shard) as parquet:
                 shard_columns = _checked_columns(parquet.schema_arrow, shard.name, meta.total_dim, files.repo)
@@ -194,7 +197,8 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
     num_pois = next_pid - 1
     if num_pois == 0:
         raise DatasetError(files.repo, "the Parquet shards hold no rows (0 POIs); nothing to encode")
-    return _validated(files, meta, num_pois, meta.total_dim, shards=tuple(str(p) for p in files.features))
+    shards = tuple(str(p) for p in files.features)
+    return _validated(files, meta, num_pois, meta.total_dim, shards=shards, shard_first_pids=tuple(first_pids))
 
 
 def _list_of(kind: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
@@ -349,11 +353,36 @@ def _reject_row(table: pa.Table, row: int) -> None:
     raise DatasetError("", f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
 
 
-def to_ray_dataset(features: PoiFeatures, block_rows: int):
-    """A Ray Dataset of the rows in Pid order (``block_rows`` POIs per in-memory block).
+def row_slice(rows: SparseRows, start: int, stop: int) -> SparseRows:
+    """Rows ``start``..``stop - 1`` of ``rows``."""
+    lo, hi = rows.indptr[start], rows.indptr[stop]
+    values = None if rows.values is None else rows.values[lo:hi]
+    return SparseRows(rows.indptr[start : stop + 1] - lo, rows.indices[lo:hi], values)
+
+
+def iter_rows(features: PoiFeatures, block_rows: int) -> Iterator[SparseRows]:
+    """Every row in Pid order, in blocks of at most ``block_rows`` rows (Parquet shards are read in batches)."""
+    if features.rows is not None:
+        for start in range(0, features.num_pois, block_rows):
+            yield row_slice(features.rows, start, min(start + block_rows, features.num_pois))
+        return
+    import pyarrow.parquet as pq
+
+    for shard in features.shards:
+        with pq.ParquetFile(shard) as parquet:
+            columns = [name for name in ("Pid", "indices", "values", "features") if name in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=block_rows, columns=columns):
+                try:
+                    yield rows_from_table(pa.Table.from_batches([batch]))
+                except DatasetError as exc:
+                    raise DatasetError(features.repo, exc.reason) from None
+
+
+def to_ray_dataset(features: PoiFeatures, block_rows: int, first_pid: int = 1):
+    """A Ray Dataset of the rows from Pid ``first_pid`` on, in Pid order (``block_rows`` POIs per in-memory block).
 
     Parquet shards are read by tasks pinned to the driver's node (where the files are) and travel to the encoder
-    actors through the object store.
+    actors through the object store; shards wholly before ``first_pid`` are not read.
     """
     import ray
     import ray.data
@@ -361,21 +390,22 @@ def to_ray_dataset(features: PoiFeatures, block_rows: int):
 
     if features.shards:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ends = [*features.shard_first_pids[1:], features.num_pois + 1]
+        kept = [i for i, end in enumerate(ends) if end > first_pid]
         with warnings.catch_warnings():
             # read_parquet has no named parameter for a scheduling strategy yet; ray_remote_args is the way.
             warnings.simplefilter("ignore", DeprecationWarning)
-            shards = ray.data.read_parquet(list(features.shards), ray_remote_args={"scheduling_strategy": here})
+            shards = ray.data.read_parquet(
+                [features.shards[i] for i in kept], ray_remote_args={"scheduling_strategy": here}
+            )
+        if features.shard_first_pids[kept[0]] < first_pid:
+            from ray.data.expressions import col
+
+            shards = shards.filter(expr=col("Pid") >= first_pid)
         # A shard is one block of ~250k rows; smaller blocks keep every actor's memory small and flat in N.
         return shards.repartition(target_num_rows_per_block=block_rows)
-    rows = features.rows
     tables = []
-    for start in range(0, features.num_pois, block_rows):
+    for start in range(first_pid - 1, features.num_pois, block_rows):
         stop = min(start + block_rows, features.num_pois)
-        lo, hi = rows.indptr[start], rows.indptr[stop]
-        part = SparseRows(
-            rows.indptr[start : stop + 1] - lo,
-            rows.indices[lo:hi],
-            None if rows.values is None else rows.values[lo:hi],
-        )
-        tables.append(sparse_table(part, first_pid=start + 1))
+        tables.append(sparse_table(row_slice(features.rows, start, stop), first_pid=start + 1))
     return ray.data.from_arrow(tables)
