@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from rqvae_ray.contract import OutputFormat, OutputSpec
-from rqvae_ray.errors import InvalidModelIdError, RqvaeRayError
+from rqvae_ray.contract import Export, OutputFormat, OutputSpec
+from rqvae_ray.errors import InvalidModelIdError, OutputError, RqvaeRayError
 from rqvae_ray.model_ids import DEFAULT_MODELS, ModelSpec, parse_model_id
 from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
@@ -46,10 +47,11 @@ class ModelConfigParser:
 class BatchInferenceProcessor:
     """Runs models through the Ray pipeline; uploads to the Hub unless only ``out_dir`` is wanted.
 
-    The keyword options are those of the command line: ``fmt`` ("csv"/"parquet"), ``dedup``, ``sid_tokens``,
-    ``pools`` ("auto"/"dataset"/"model"), ``batch_size``, ``min_actors``, ``max_actors``, ``cpus_per_actor``,
-    ``gpus_per_actor``, ``actor_wait_s``, ``address``, ``revision``, ``dataset_revision``, ``force``,
-    ``upload_retries``.
+    The keyword options are those of the command line: ``fmt`` ("csv"/"parquet"), ``dedup``, ``fixed_length``,
+    ``sid_tokens``, ``exports`` (names such as ``["index-json", "tensor"]``, or one comma-separated string),
+    ``keep_existing``, ``pools`` ("auto"/"dataset"/"model"), ``batch_size``, ``min_actors``, ``max_actors``,
+    ``cpus_per_actor``, ``gpus_per_actor``, ``actor_wait_s``, ``address``, ``revision``, ``dataset_revision``,
+    ``force``, ``upload_retries``. Contradictory options raise :class:`~rqvae_ray.errors.OutputError`.
     """
 
     def __init__(
@@ -62,7 +64,10 @@ class BatchInferenceProcessor:
         *,
         fmt: str = "csv",
         dedup: bool = False,
+        fixed_length: bool = False,
         sid_tokens: bool = False,
+        exports: str | Iterable[str] = (),
+        keep_existing: bool = False,
         pools: str = "auto",
         batch_size: int = 4096,
         min_actors: int | None = None,
@@ -76,6 +81,10 @@ class BatchInferenceProcessor:
         force: bool = False,
         upload_retries: int = 5,
     ) -> None:
+        if keep_existing and force:
+            raise OutputError("keep_existing keeps a published file and force redoes it; give one of them")
+        names = exports if isinstance(exports, str) else ",".join(exports)
+        output = OutputSpec(OutputFormat(fmt), dedup, sid_tokens, fixed_length, Export.parse(names), keep_existing)
         if hf_token:
             # Read by huggingface_hub in this process and in the Ray processes started from it; never logged.
             os.environ["HF_TOKEN"] = hf_token
@@ -87,7 +96,7 @@ class BatchInferenceProcessor:
             out_dir=None if out_dir is None else str(Path(out_dir).resolve()),
             upload=out_dir is None if upload is None else upload,
             base_folder=base_folder or os.getenv("HF_LLM_DATASET_DIR", "LLM Dataset"),
-            output=OutputSpec(OutputFormat(fmt), dedup, sid_tokens),
+            output=output,
             pools=PoolSizing(PoolMode(pools), min_actors, max_actors, cpus_per_actor, gpus_per_actor),
             batch_size=batch_size,
             actor_wait_s=actor_wait_s,

@@ -13,8 +13,8 @@ from typing import Annotated, NoReturn
 import typer
 
 from rqvae_ray.console import LOG_DIR, LiveProgress, RunConsole, make_progress, new_log_path
-from rqvae_ray.contract import OutputFormat, OutputSpec
-from rqvae_ray.errors import RayConnectionLost, RqvaeRayError, reason_of
+from rqvae_ray.contract import Export, OutputFormat, OutputSpec
+from rqvae_ray.errors import OutputError, RayConnectionLost, RqvaeRayError, reason_of
 from rqvae_ray.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
@@ -101,8 +101,27 @@ def run(
     dedup: Annotated[
         bool, _flag("--dedup", "Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
     ] = False,
+    fixed_length: Annotated[
+        bool, _flag("--fixed-length", "With --dedup: give every POI the extra code (0 for a unique SID).")
+    ] = False,
     sid_tokens: Annotated[
         bool, _flag("--sid-tokens", "Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
+    ] = False,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            "--export",
+            metavar="index-json,tensor",
+            help="Also write codebooks-<model>.index.json (Pid to SID tokens) and/or .sids.pt (an int64 tensor, "
+            "levels x POIs); with --dedup or any export, .prefixes.json (codes allowed after each SID prefix) too.",
+        ),
+    ] = None,
+    keep_existing: Annotated[
+        bool,
+        _flag(
+            "--keep-existing",
+            "Keep every POI of the published codebooks file with its codes; encode only the POIs added after it.",
+        ),
     ] = False,
     actor_wait_s: Annotated[
         float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
@@ -137,6 +156,16 @@ def run(
         if demo:
             hub_dir, out_dir = hub_dir or DEMO_HUB, out_dir or DEMO_OUT
         try:
+            if keep_existing and force:
+                raise OutputError("--keep-existing keeps a published file and --force redoes it; give one of them")
+            output = OutputSpec(
+                output_format,
+                dedup,
+                sid_tokens,
+                fixed_length,
+                Export.parse(export or ""),
+                keep_existing,
+            )
             if demo and not hub_dir.exists():
                 from rqvae_ray.demo import build_demo_hub
 
@@ -147,7 +176,7 @@ def run(
                 out_dir=None if out_dir is None else str(out_dir.resolve()),
                 upload=upload or out_dir is None,
                 base_folder=base_folder,
-                output=OutputSpec(output_format, dedup, sid_tokens),
+                output=output,
                 pools=PoolSizing(pools, min_actors, max_actors, cpus_per_actor, gpus_per_actor),
                 batch_size=batch_size,
                 actor_wait_s=actor_wait_s,

@@ -12,6 +12,8 @@ from enum import Enum
 
 import pyarrow as pa
 
+from rqvae_ray.errors import OutputError
+
 
 class OutputFormat(str, Enum):
     """The file format of the codebooks files."""
@@ -24,18 +26,57 @@ class OutputFormat(str, Enum):
         return self.value
 
 
+class Export(str, Enum):
+    """A file written beside a model's codebooks file: ``codebooks-<model>.<suffix>``."""
+
+    INDEX_JSON = "index-json"
+    TENSOR = "tensor"
+    PREFIXES = "prefixes"
+
+    @property
+    def suffix(self) -> str:
+        return {"index-json": "index.json", "tensor": "sids.pt", "prefixes": "prefixes.json"}[self.value]
+
+    @classmethod
+    def parse(cls, text: str) -> frozenset[Export]:
+        """The exports named in a comma-separated list such as ``index-json,tensor``."""
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        known = {export.value: export for export in cls}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise OutputError(f"--export {unknown[0]!r} is not an export; choose from {', '.join(known)}")
+        return frozenset(known[name] for name in names)
+
+
 @dataclass(frozen=True)
 class OutputSpec:
-    """What every model's output holds: the format, dedup codes, and the SID token column."""
+    """What every model's output holds: the format, dedup codes (``fixed_length``: on every POI), the SID token
+    column, the files exported beside it, and whether the rows of an existing file are kept (``keep_existing``)."""
 
     fmt: OutputFormat = OutputFormat.CSV
     dedup: bool = False
     sid_tokens: bool = False
+    fixed_length: bool = False
+    exports: frozenset[Export] = frozenset()
+    keep_existing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fixed_length and not self.dedup:
+            raise OutputError("--fixed-length gives every POI a dedup code, so it needs --dedup; add --dedup")
 
     @property
     def text_parts(self) -> bool:
         """CSV whose lines the writer completes (it adds the dedup codes once every SID is counted)."""
         return self.fmt is OutputFormat.CSV and self.dedup
+
+    @property
+    def exported(self) -> tuple[Export, ...]:
+        """Every file written beside the codebooks file, in a fixed order: the asked exports, plus the prefixes
+        whenever there is a dedup code or any export."""
+        wanted = set(self.exports)
+        if self.dedup or wanted:
+            wanted.add(Export.PREFIXES)
+        return tuple(export for export in Export if export in wanted)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +33,7 @@ class PoiFeatures:
     revision: str
     rows: SparseRows | None = None
     shards: tuple[str, ...] = ()
+    shard_first_pids: tuple[int, ...] = ()  # the Pid of each shard's first row
 
 
 def load_dense_features(path: Path, repo: str) -> np.ndarray:
@@ -167,7 +168,9 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
     meta = _read_metadata(files)
     columns: dict[str, pa.DataType] = {}
     next_pid = 1
+    first_pids = []
     for shard in files.features:
+        first_pids.append(next_pid)
         try:
             with pq.ParquetFile(shard) as parquet:
                 shard_columns = _checked_columns(parquet.schema_arrow, shard.name, meta.total_dim, files.repo)
@@ -184,7 +187,8 @@ def _load_parquet(files: DatasetFiles) -> PoiFeatures:
     num_pois = next_pid - 1
     if num_pois == 0:
         raise DatasetError(files.repo, "the Parquet shards hold no rows (0 POIs); nothing to encode")
-    return _validated(files, meta, num_pois, meta.total_dim, shards=tuple(str(p) for p in files.features))
+    shards = tuple(str(p) for p in files.features)
+    return _validated(files, meta, num_pois, meta.total_dim, shards=shards, shard_first_pids=tuple(first_pids))
 
 
 def _list_of(kind: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
@@ -337,3 +341,28 @@ def rows_from_table(table: pa.Table) -> SparseRows:
 def _reject_row(table: pa.Table, row: int) -> None:
     pid = table.column("Pid")[row].as_py()
     raise DatasetError("", f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
+
+
+def row_slice(rows: SparseRows, start: int, stop: int) -> SparseRows:
+    """Rows ``start``..``stop - 1`` of ``rows``."""
+    lo, hi = rows.indptr[start], rows.indptr[stop]
+    values = None if rows.values is None else rows.values[lo:hi]
+    return SparseRows(rows.indptr[start : stop + 1] - lo, rows.indices[lo:hi], values)
+
+
+def iter_rows(features: PoiFeatures, block_rows: int) -> Iterator[SparseRows]:
+    """Every row in Pid order, in blocks of at most ``block_rows`` rows (Parquet shards are read in batches)."""
+    if features.rows is not None:
+        for start in range(0, features.num_pois, block_rows):
+            yield row_slice(features.rows, start, min(start + block_rows, features.num_pois))
+        return
+    import pyarrow.parquet as pq
+
+    for shard in features.shards:
+        with pq.ParquetFile(shard) as parquet:
+            columns = [name for name in ("Pid", "indices", "values", "features") if name in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=block_rows, columns=columns):
+                try:
+                    yield rows_from_table(pa.Table.from_batches([batch]))
+                except DatasetError as exc:
+                    raise DatasetError(features.repo, exc.reason) from None

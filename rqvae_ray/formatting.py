@@ -30,7 +30,8 @@ def float_strings(values: np.ndarray) -> pa.Array:
     return pc.if_else(pc.equal(text, "-0"), "-0.0", text)
 
 
-def _ints(values: np.ndarray) -> pa.Array:
+def int_strings(values: np.ndarray) -> pa.Array:
+    """Decimal strings of integers."""
     return pa.array(np.ascontiguousarray(values, dtype=np.int64).ravel()).cast(pa.string())
 
 
@@ -38,8 +39,21 @@ def sid_tokens(codes: np.ndarray) -> pa.Array:
     """The downstream LLM token string of each SID: ``<a_12><b_3><c_7>`` (one letter per level)."""
     parts = []
     for level in range(codes.shape[1]):
-        parts += [f"<{TOKEN_LETTERS[level]}_", _ints(codes[:, level]), ">"]
+        parts += [f"<{TOKEN_LETTERS[level]}_", int_strings(codes[:, level]), ">"]
     return pc.binary_join_element_wise(*parts, "")
+
+
+def index_json_entries(pids: np.ndarray, codes: np.ndarray) -> pa.Array:
+    """The ``"<Pid>": ["<a_5>", "<b_28>", "<c_25>"]`` entry of each row of an item-to-token JSON map; ``codes`` is
+    ``[n, levels]``, a code below 0 (a POI without a dedup code) has no token."""
+    present = codes >= 0
+    offsets = np.zeros(len(codes) + 1, dtype=np.int32)
+    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    levels = np.broadcast_to(np.arange(codes.shape[1]), codes.shape)[present]
+    opening = pa.array([f'"<{TOKEN_LETTERS[level]}_' for level in range(codes.shape[1])]).take(pa.array(levels))
+    tokens = pc.binary_join_element_wise(opening, int_strings(codes[present]), '>"', "")
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), tokens), ", ")
+    return pc.binary_join_element_wise('"', int_strings(pids), '": [', joined, "]", "")
 
 
 def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: bool) -> dict[str, pa.Array]:
@@ -55,11 +69,11 @@ def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: 
 
 
 def _codes_text(codes: np.ndarray) -> pa.Array:
-    return _joined_lists(_ints(codes), codes.shape[1])
+    return _joined_lists(int_strings(codes), codes.shape[1])
 
 
 def _head(pids: np.ndarray, codes_text: pa.Array) -> pa.Array:
-    return pc.binary_join_element_wise(_ints(pids), ',"[', codes_text, "")
+    return pc.binary_join_element_wise(int_strings(pids), ',"[', codes_text, "")
 
 
 def _tail(vectors: np.ndarray) -> pa.Array:
@@ -135,12 +149,12 @@ def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, level
     shared = None
     if extra is not None:
         shared = pa.array(extra >= 0)
-        pieces.append(pc.if_else(shared, pc.binary_join_element_wise(", ", _ints(extra), ""), ""))
+        pieces.append(pc.if_else(shared, pc.binary_join_element_wise(", ", int_strings(extra), ""), ""))
     pieces.append(parts["tail"])
     if "tokens" in parts:
         pieces.append(parts["tokens"])
         if shared is not None:
-            token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", _ints(extra), ">", "")
+            token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", int_strings(extra), ">", "")
             pieces.append(pc.if_else(shared, token, ""))
     pieces.append("\n")
     return pc.binary_join_element_wise(*pieces, "")
@@ -193,5 +207,5 @@ def with_dedup_codes(codebook: pa.Array, extra: np.ndarray) -> pa.Array:
 
 def with_dedup_tokens(tokens: pa.Array, extra: np.ndarray, levels: int) -> pa.Array:
     """SID token strings with ``<x_k>`` appended where ``extra`` >= 0."""
-    token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", _ints(extra), ">", "")
+    token = pc.binary_join_element_wise(f"<{TOKEN_LETTERS[levels]}_", int_strings(extra), ">", "")
     return pc.binary_join_element_wise(tokens, pc.if_else(pa.array(extra >= 0), token, ""), "")

@@ -1,16 +1,18 @@
 """Where outputs go and what is known about them: paths, file names, staged (partial) files, the manifest, and the
-up-to-date check; with the one sha256 helper and the one atomic write of the package.
+up-to-date check; with the one sha256 helper, the hashing file and the one atomic write of the package.
 
-Layout: ``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<model>.<csv|parquet>`` beside
-``rqvae_ray-manifest.json``, which holds one :class:`ManifestEntry` per output file. A file is written under a
-hidden partial name in the same directory (so that publishing is a rename within one filesystem) and renamed into
-place only when complete.
+Layout: ``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<model>.<csv|parquet>`` (and
+the files exported beside it, ``codebooks-<model>.<index.json|sids.pt|prefixes.json>``) beside
+``rqvae_ray-manifest.json``, which holds one :class:`ManifestEntry` per codebooks file (its exports listed on it).
+A file is written under a hidden partial name in the same directory (so that publishing is a rename within one
+filesystem) and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import socket
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rqvae_ray import __version__
-from rqvae_ray.contract import OutputFormat, OutputSpec
+from rqvae_ray.contract import Export, OutputFormat, OutputSpec
 
 MANIFEST_FILE = "rqvae_ray-manifest.json"
 PARTIAL_SUFFIX = ".partial"
@@ -35,6 +37,11 @@ def output_dir(root: Path, repo: str, base_folder: str) -> Path:
 def codebooks_filename(model_name: str, fmt: OutputFormat) -> str:
     """``codebooks-<model name>.<csv|parquet>``."""
     return f"codebooks-{model_name}.{fmt.extension}"
+
+
+def export_filename(codebooks_file: str, export: Export) -> str:
+    """``codebooks-<model>.<suffix>`` of an export of ``codebooks-<model>.<csv|parquet>``."""
+    return f"{codebooks_file.rsplit('.', 1)[0]}.{export.suffix}"
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -89,6 +96,36 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+class HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
+    closing it flushes and fsyncs."""
+
+    def __init__(self, path: Path, digest: hashlib._Hash | None = None) -> None:
+        super().__init__()
+        self._file = path.open("wb")
+        self.digest = digest or hashlib.sha256()
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        written = self._file.write(data)
+        self._position += written
+        return written
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        super().close()
+
+
 @dataclass(frozen=True)
 class Provenance:
     """The inputs an output was made from."""
@@ -100,8 +137,29 @@ class Provenance:
 
 
 @dataclass
+class ExportRecord:
+    """One file exported beside a codebooks file: its kind (an :class:`Export` value), name and sha256."""
+
+    kind: str
+    file: str
+    sha256: str
+
+
+@dataclass
+class ExtendedFile:
+    """The codebooks file a run started from (``--keep-existing``): its sha256 and rows, kept as they were."""
+
+    sha256: str
+    rows: int
+
+
+@dataclass
 class ManifestEntry:
-    """What the manifest records about one output file."""
+    """What the manifest records about one output file.
+
+    ``features_rows_sha256`` is :func:`rqvae_ray.feature_digest.rows_digests` of its rows 1..N (the features of
+    exactly the POIs in the file, whatever their file format), ``extends`` the file it extended.
+    """
 
     file: str
     model_id: str
@@ -120,13 +178,21 @@ class ManifestEntry:
     encode_seconds: float = 0.0  # the time the model spent encoding this file's rows, summed over its actors
     # Levels the checkpoint trained with Sinkhorn assignment; the SIDs use the nearest codeword there too.
     sinkhorn_levels: list[int] = field(default_factory=list)
+    fixed_length: bool = False
+    exports: list[ExportRecord] = field(default_factory=list)
+    features_rows_sha256: str = ""
+    extends: ExtendedFile | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ManifestEntry | None:
-        """An entry from its JSON form; None when it lacks the fields every entry has."""
+        """An entry from its JSON form; None when it lacks the fields every entry has or has malformed ones."""
         known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
         try:
-            return cls(**{key: value for key, value in data.items() if key in known})
+            values["exports"] = [ExportRecord(**record) for record in values.get("exports", [])]
+            if values.get("extends") is not None:
+                values["extends"] = ExtendedFile(**values["extends"])
+            return cls(**values)
         except TypeError:
             return None
 
@@ -139,12 +205,16 @@ class ManifestEntry:
             f"{flag} {'on' if wanted else 'off'}"
             for flag, had, wanted in (
                 ("--dedup", self.dedup, spec.dedup),
+                ("--fixed-length", self.fixed_length, spec.fixed_length),
                 ("--sid-tokens", self.sid_tokens, spec.sid_tokens),
             )
             if had != wanted
         ]
         if options:
             return "it was written with other options (now " + ", ".join(options) + ")"
+        wanted_exports = [export.value for export in spec.exported]
+        if sorted(record.kind for record in self.exports) != sorted(wanted_exports):
+            return "it was written with other exports (now " + (", ".join(wanted_exports) or "none") + ")"
         if self.tool_version != __version__:
             return f"it was written by rqvae_ray {self.tool_version}"
         return ""
@@ -210,6 +280,10 @@ def check_existing(folder: Path, filename: str, spec: OutputSpec, provenance: Pr
         return Existing(stale=why)
     if sha256_files([path]) != entry.sha256:
         return Existing(stale="its bytes differ from the manifest's sha256 (damaged or edited)")
+    for record in entry.exports:
+        exported = folder / record.file
+        if not exported.is_file() or sha256_files([exported]) != record.sha256:
+            return Existing(stale=f"its export {record.file} is missing or differs from the manifest's sha256")
     return Existing(entry=entry)
 
 

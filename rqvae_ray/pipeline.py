@@ -9,6 +9,7 @@ never stops the others.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +21,15 @@ from rqvae_ray import __version__
 from rqvae_ray.checkpoint import ModelWeights, load_checkpoint_bytes
 from rqvae_ray.contract import OutputSpec
 from rqvae_ray.errors import Cancelled, CheckpointError, RqvaeRayError, reason_of
+from rqvae_ray.existing_rows import ExistingRows
+from rqvae_ray.feature_digest import rows_digests
 from rqvae_ray.features import PoiFeatures, load_features
+from rqvae_ray.keep_existing import PublishedFile, find_published, kept_entry
 from rqvae_ray.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.options import RunOptions
 from rqvae_ray.outputs import (
     Existing,
+    ManifestEntry,
     Provenance,
     check_existing,
     codebooks_filename,
@@ -34,7 +39,7 @@ from rqvae_ray.outputs import (
 from rqvae_ray.plan import DatasetPlan, plan_dataset
 from rqvae_ray.progress import Progress
 from rqvae_ray.ray_cluster import ClusterShape, configure_data_context, reserve_actors, start_ray, wait_watching_cluster
-from rqvae_ray.writer import ModelTarget, Published
+from rqvae_ray.writer import ModelTarget, Published, Refused
 
 # Blocks are at least this big, so that tiny batch sizes change only how often the UDF is called, not the number of
 # objects the cluster has to track.
@@ -73,12 +78,14 @@ class ModelResult:
 
 
 @dataclass(frozen=True)
-class _Ready:
-    """A model whose checkpoint loaded, fits its dataset and has no up-to-date output."""
+class Ready:
+    """A model whose checkpoint loaded, fits its dataset and has no up-to-date output; ``existing`` are the rows of
+    its published file that its new file keeps (``--keep-existing``)."""
 
     spec: ModelSpec
     weights: ModelWeights
     provenance: Provenance
+    existing: ExistingRows | None = None
 
     @property
     def revision(self) -> str:
@@ -86,12 +93,22 @@ class _Ready:
 
 
 @dataclass
-class _Loaded:
-    """One dataset's inputs: the features, the models to run, and the results already known (failed, skipped)."""
+class Loaded:
+    """One dataset's inputs: the features, the models to run, the results already known (failed, skipped), and the
+    digest of the features of every row (see :mod:`rqvae_ray.feature_digest`)."""
 
     features: PoiFeatures
-    ready: list[_Ready]
+    ready: list[Ready]
     results: dict[str, ModelResult]
+    rows_sha256: str = ""
+
+    @property
+    def first_pid(self) -> int:
+        """The first Pid any model needs encoded (N + 1 when every model keeps all its rows unverified)."""
+        return min(
+            (r.existing.rows + 1 if r.existing is not None and not r.existing.verify else 1 for r in self.ready),
+            default=1,
+        )
 
 
 def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress | None = None) -> list[ModelResult]:
@@ -174,7 +191,7 @@ def _run_dataset(
     """Run every model of one dataset; never raises for model or dataset problems."""
     started = time.monotonic()
     try:
-        loaded = _load(repo, specs, options, progress)
+        loaded = load_dataset(repo, specs, options, progress)
     except RqvaeRayError as exc:
         return [ModelResult(s.model_id, s.dataset_repo, ok=False, error=str(exc)) for s in specs]
     results = loaded.results
@@ -187,8 +204,9 @@ def _run_dataset(
     return [results[s.model_id] for s in specs]
 
 
-def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Progress) -> _Loaded:
-    """Load and check the dataset and every checkpoint; decide which models have an up-to-date output already."""
+def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Progress) -> Loaded:
+    """Load and check the dataset and every checkpoint; decide which models have an up-to-date output already, and
+    with ``--keep-existing`` which rows of each published file are kept."""
     org, dataset = repo.split("/", 1)
     features = load_features(options.hub.dataset_files(org, dataset))
     progress.note(f"{repo}: {features.num_pois} POIs x {features.dim} features (revision {features.revision})")
@@ -196,7 +214,8 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
     if folder is not None:
         remove_stale_partials(folder)
     results: dict[str, ModelResult] = {}
-    ready: list[_Ready] = []
+    ready: list[Ready] = []
+    kept: dict[str, tuple[PublishedFile, ManifestEntry]] = {}
     for spec in specs:
         try:
             data, revision = options.hub.checkpoint(spec)
@@ -211,7 +230,7 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
             results[spec.model_id] = ModelResult(spec.model_id, spec.dataset_repo, ok=False, error=str(exc))
             continue
         provenance = Provenance(weights.sha256, revision, features.sha256, features.revision)
-        candidate = _Ready(spec, weights, provenance)
+        candidate = Ready(spec, weights, provenance)
         existing = _existing(candidate, options, repo)
         if existing.entry is not None:
             path = folder / existing.entry.file
@@ -227,15 +246,57 @@ def _load(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Prog
                 quality=existing.entry.sid_stats,
             )
             continue
-        if existing.stale:
-            filename = codebooks_filename(spec.name, options.output.fmt)
+        filename = codebooks_filename(spec.name, options.output.fmt)
+        if options.output.keep_existing:
+            try:
+                published = find_published(folder, options.hub, repo, options.base_folder, filename)
+                if published is not None:
+                    kept[spec.model_id] = (
+                        published,
+                        kept_entry(published, options.output, provenance, features.num_pois),
+                    )
+            except RqvaeRayError as exc:
+                results[spec.model_id] = ModelResult(spec.model_id, spec.dataset_repo, ok=False, error=str(exc))
+                continue
+            if published is None:
+                progress.note(f"{spec.model_id}: --keep-existing: no published {filename} yet; writing it whole")
+        elif existing.stale:
             progress.note(f"{spec.model_id}: replacing {filename}: {existing.stale}")
         progress.note(f"{spec.model_id}: {weights.layout} checkpoint {weights.describe()} (revision {revision})")
         note = weights.sinkhorn_note()
         if note:
             progress.note(f"{spec.model_id}: note: {note}")
         ready.append(candidate)
-    return _Loaded(features, ready, results)
+    if not ready:
+        return Loaded(features, ready, results)
+    digests = rows_digests(features, {features.num_pois, *(entry.rows for _, entry in kept.values())})
+    ready = [_keeping(r, kept.get(r.spec.model_id), digests, features.num_pois, progress) for r in ready]
+    return Loaded(features, ready, results, digests[features.num_pois])
+
+
+def _keeping(
+    ready: Ready,
+    kept: tuple[PublishedFile, ManifestEntry] | None,
+    digests: dict[int, str],
+    num_pois: int,
+    progress: Progress,
+) -> Ready:
+    """``ready`` starting its file from the rows of its published file, verified when their features changed."""
+    if kept is None:
+        return ready
+    published, entry = kept
+    model, name = ready.spec.model_id, published.path.name
+    verify = entry.features_rows_sha256 != digests[entry.rows]
+    if verify:
+        why = "were not recorded" if not entry.features_rows_sha256 else "changed since it was written"
+        progress.note(
+            f"{model}: the features of the {entry.rows} POIs in {name} {why}; encoding them again to check that "
+            "each keeps its SID"
+        )
+    else:
+        todo = f"encoding Pids {entry.rows + 1}..{num_pois}" if entry.rows < num_pois else "no new POI to encode"
+        progress.note(f"{model}: keeping the {entry.rows} POIs of {name}; {todo}")
+    return dataclasses.replace(ready, existing=ExistingRows(str(published.path), entry.rows, entry.sha256, verify))
 
 
 def output_dir_of(options: RunOptions, repo: str) -> Path | None:
@@ -243,7 +304,7 @@ def output_dir_of(options: RunOptions, repo: str) -> Path | None:
     return None if options.out_dir is None else output_dir(Path(options.out_dir), repo, options.base_folder)
 
 
-def _existing(ready: _Ready, options: RunOptions, repo: str) -> Existing:
+def _existing(ready: Ready, options: RunOptions, repo: str) -> Existing:
     folder = output_dir_of(options, repo)
     if folder is None or options.force:
         return Existing()
@@ -251,7 +312,7 @@ def _existing(ready: _Ready, options: RunOptions, repo: str) -> Existing:
     return check_existing(folder, filename, options.output, ready.provenance, repo)
 
 
-def _commit_message(features: PoiFeatures, ready: list[_Ready]) -> str:
+def _commit_message(features: PoiFeatures, ready: list[Ready]) -> str:
     lines = [f"- {r.spec.model_id} @ {r.revision}" for r in ready]
     return (
         f"rqvae_ray {__version__}: semantic IDs of {len(ready)} model(s) for {features.repo}\n\n"
@@ -259,15 +320,22 @@ def _commit_message(features: PoiFeatures, ready: list[_Ready]) -> str:
     )
 
 
-def build_dataset(features: PoiFeatures, ready: list[_Ready], plan: DatasetPlan, spec: OutputSpec, batch_size: int):
-    """The Ray Dataset of one plan: the POI rows in Pid order through the plan's pools (chained one after another
-    when there are several); each output block holds ``Pid`` and every model's columns."""
+def build_dataset(
+    features: PoiFeatures,
+    ready: list[Ready],
+    plan: DatasetPlan,
+    spec: OutputSpec,
+    batch_size: int,
+    first_pid: int = 1,
+):
+    """The Ray Dataset of one plan: the POI rows from ``first_pid`` on in Pid order through the plan's pools
+    (chained one after another when there are several); each output block holds ``Pid`` and every model's columns."""
     from ray.data import ActorPoolStrategy
 
     from rqvae_ray.encode_stage import EncodeModels
     from rqvae_ray.sources import poi_dataset
 
-    ds = poi_dataset(features, max(batch_size, MIN_BLOCK_ROWS))
+    ds = poi_dataset(features, max(batch_size, MIN_BLOCK_ROWS), first_pid)
     for number, pool in enumerate(plan.pools):
         models = [(ready[i].spec.model_id, i, ready[i].weights) for i in pool.models]
         ds = ds.map_batches(
@@ -288,6 +356,23 @@ def build_dataset(features: PoiFeatures, ready: list[_Ready], plan: DatasetPlan,
     return ds
 
 
+def model_targets(loaded: Loaded, spec: OutputSpec) -> list[ModelTarget]:
+    """What the writer needs to know about each model to run of ``loaded`` (the ``i``-th model in slot ``i``)."""
+    return [
+        ModelTarget(
+            r.spec.model_id,
+            slot,
+            codebooks_filename(r.spec.name, spec.fmt),
+            r.weights.codebook_sizes,
+            r.provenance,
+            r.weights.sinkhorn_levels,
+            loaded.rows_sha256,
+            r.existing,
+        )
+        for slot, r in enumerate(loaded.ready)
+    ]
+
+
 def _block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:
     """The output blocks of ``ds`` in order, as object references (and the rows of each to take)."""
     for bundle in ds.iter_internal_ref_bundles():
@@ -296,7 +381,7 @@ def _block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:
 
 
 def _encode_and_write(
-    loaded: _Loaded,
+    loaded: Loaded,
     options: RunOptions,
     progress: Progress,
     datasets: int,
@@ -307,42 +392,35 @@ def _encode_and_write(
 
     writer, cluster = started.writer, started.cluster
     features, ready = loaded.features, loaded.ready
-    repo, pois, models = features.repo, features.num_pois, len(ready)
-    plan = plan_dataset([r.weights.nbytes for r in ready], pois, options.pools, cluster, datasets)
-    progress.note(f"{repo}: {plan.describe()}")
-    targets = [
-        ModelTarget(
-            r.spec.model_id,
-            slot,
-            codebooks_filename(r.spec.name, options.output.fmt),
-            r.weights.codebook_sizes,
-            r.provenance,
-            r.weights.sinkhorn_levels,
-        )
-        for slot, r in enumerate(ready)
-    ]
+    repo, pois, models, first_pid = features.repo, features.num_pois, len(ready), loaded.first_pid
+    targets = model_targets(loaded, options.output)
     failure, commit = "", ""
-    published: list[Published] = []
+    finished: list[Published | Refused] = []
     try:
         # Not waited for: the writes queue behind it, and an error here fails them.
-        writer.open.remote(repo, targets, options.out_dir, options.base_folder, options.output, pois)
-        first = plan.pools[0]
-        reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, cluster)
-        ds = build_dataset(features, ready, plan, options.output, options.batch_size)
+        writer.open.remote(repo, targets, options.out_dir, options.base_folder, options.output, pois, first_pid)
         progress.dataset_started(repo, pois, models)
-        pending = []
-        for seq, (ref, span) in enumerate(_block_refs(ds)):
-            if cancel.is_set():
-                raise Cancelled(repo)
-            pending.append(writer.write.remote(repo, seq, ref, span))
-            if len(pending) > MAX_PENDING_WRITES:
-                progress.rows_written(repo, ray.get(pending.pop(0)), pois, models)
-        ray.get(pending)
-        published = ray.get(writer.finish.remote(repo))
+        if first_pid <= pois:
+            rows = pois - first_pid + 1
+            plan = plan_dataset([r.weights.nbytes for r in ready], rows, options.pools, cluster, datasets)
+            progress.note(f"{repo}: {plan.describe()}")
+            first = plan.pools[0]
+            reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, cluster)
+            ds = build_dataset(features, ready, plan, options.output, options.batch_size, first_pid)
+            pending = []
+            for seq, (ref, span) in enumerate(_block_refs(ds)):
+                if cancel.is_set():
+                    raise Cancelled(repo)
+                pending.append(writer.write.remote(repo, seq, ref, span))
+                if len(pending) > MAX_PENDING_WRITES:
+                    progress.rows_written(repo, ray.get(pending.pop(0)), pois, models)
+            ray.get(pending)
+        finished = ray.get(writer.finish.remote(repo))
         progress.dataset_finished(repo, pois, models)
-        if options.upload:
-            progress.note(f"{repo}: uploading {len(published)} file(s) in one commit")
-            message = _commit_message(features, ready)
+        done = {f.entry.model_id for f in finished if isinstance(f, Published)}
+        if options.upload and done:
+            progress.note(f"{repo}: uploading the files of {len(done)} model(s) in one commit")
+            message = _commit_message(features, [r for r in ready if r.spec.model_id in done])
             commit = ray.get(writer.upload.remote(repo, message, options.upload_retries, options.upload_backoff_s))
             progress.note(f"{repo}: uploaded as commit {commit}")
     # The dataset's boundary: whatever went wrong (ours, Ray's, or a bug) is these models' failure, found by class
@@ -353,12 +431,19 @@ def _encode_and_write(
             ray.get(writer.abort.remote(repo))
         except ray.exceptions.RayError:
             pass
-    by_model = {p.entry.model_id: p for p in published}
+    by_model = {f.entry.model_id if isinstance(f, Published) else f.model_id: f for f in finished}
     results = []
     for item in ready:
         result = ModelResult(item.spec.model_id, item.spec.dataset_repo, ok=not failure, error=failure)
         done = by_model.get(item.spec.model_id)
-        if done is not None:
+        if isinstance(done, Refused):
+            result.ok, result.error = False, done.reason
+        elif done is not None:
+            if item.existing is not None and item.existing.verify:
+                progress.note(
+                    f"{item.spec.model_id}: no POI of the {item.existing.rows} kept changed its SID; extended "
+                    f"{done.entry.file}"
+                )
             result.rows, result.sha256, result.quality = done.entry.rows, done.entry.sha256, done.entry.sid_stats
             result.encode_seconds = done.entry.encode_seconds
             result.path = done.path if options.out_dir is not None else ""

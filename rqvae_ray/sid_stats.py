@@ -38,7 +38,8 @@ class SidCounter:
         self.rows = 0
         self._dense = np.zeros(self.space, dtype=np.int64) if self.space <= DENSE_LIMIT else None
         self._sparse: dict[int, int] = {}
-        self._assigned: dict[int, int] | np.ndarray | None = None
+        # Per SID the next unused dedup code (max code given + 1), made on first use.
+        self._next: dict[int, int] | np.ndarray | None = None
 
     def add(self, packed: np.ndarray) -> None:
         """Count a batch of packed SIDs."""
@@ -56,15 +57,43 @@ class SidCounter:
             return self._dense[packed]
         return np.array([self._sparse.get(v, 0) for v in packed.tolist()], dtype=np.int64)
 
-    def dedup_codes(self, packed: np.ndarray) -> np.ndarray:
-        """The extra code of each POI, -1 where its SID is unique; call in ascending Pid order after counting.
+    def _next_codes(self) -> dict[int, int] | np.ndarray:
+        if self._next is None:
+            self._next = np.zeros(self.space, dtype=np.int64) if self._dense is not None else {}
+        return self._next
 
-        POIs sharing an SID get 0, 1, 2, ... in the order they are passed, as in the GNPR-SID authors' codebook.py.
+    def next_code_of(self, packed: np.ndarray) -> np.ndarray:
+        """The next unused dedup code of each given SID (0 where none was given)."""
+        if self._next is None:
+            return np.zeros(len(packed), dtype=np.int64)
+        if isinstance(self._next, np.ndarray):
+            return self._next[packed]
+        return np.array([self._next.get(v, 0) for v in packed.tolist()], dtype=np.int64)
+
+    def seed_codes(self, packed: np.ndarray, extra: np.ndarray) -> None:
+        """Take the dedup codes ``extra`` (-1: none) that POIs of an existing file hold, so that codes given later
+        continue after the largest one of each SID."""
+        held = extra >= 0
+        if not held.any():
+            return
+        sids, codes = packed[held], extra[held] + 1
+        table = self._next_codes()
+        if isinstance(table, np.ndarray):
+            np.maximum.at(table, sids, codes)
+            return
+        for sid, code in zip(sids.tolist(), codes.tolist(), strict=True):
+            table[sid] = max(table.get(sid, 0), code)
+
+    def dedup_codes(self, packed: np.ndarray, fixed_length: bool = False) -> np.ndarray:
+        """The extra code of each POI, -1 where it gets none; call in ascending Pid order after counting.
+
+        POIs sharing an SID (every POI when ``fixed_length``) get the next unused codes of their SID, in the order
+        they are passed: 0, 1, 2, ... as in the GNPR-SID authors' codebook.py, or after the codes seeded by
+        :meth:`seed_codes`.
         """
-        if self._assigned is None:
-            self._assigned = np.zeros(self.space, dtype=np.int64) if self._dense is not None else {}
+        table = self._next_codes()
         extra = np.full(len(packed), -1, dtype=np.int64)
-        shared = np.flatnonzero(self.count_of(packed) > 1)
+        shared = np.arange(len(packed)) if fixed_length else np.flatnonzero(self.count_of(packed) > 1)
         if not len(shared):
             return extra
         sids = packed[shared]
@@ -74,13 +103,12 @@ class SidCounter:
         sizes = np.diff(np.r_[starts, len(ordered)])
         rank = np.arange(len(ordered)) - np.repeat(starts, sizes)
         groups = ordered[starts]
-        if isinstance(self._assigned, np.ndarray):
-            base = self._assigned[groups]
-            self._assigned[groups] += sizes
+        base = self.next_code_of(groups)
+        if isinstance(table, np.ndarray):
+            table[groups] += sizes
         else:
-            base = np.array([self._assigned.get(g, 0) for g in groups.tolist()], dtype=np.int64)
             for group, size in zip(groups.tolist(), sizes.tolist(), strict=True):
-                self._assigned[group] = self._assigned.get(group, 0) + size
+                table[group] = table.get(group, 0) + size
         values = np.empty(len(ordered), dtype=np.int64)
         values[order] = np.repeat(base, sizes) + rank
         extra[shared] = values

@@ -93,15 +93,12 @@ class _PoiSource(Datasource):
                 part = _slice_rows(rows, first, last)
                 yield last - first, lambda p=part, f=first: _memory_blocks(p, f, block_rows)
             return
-        import pyarrow.parquet as pq
-
-        first = 0
-        for path in self.features.shards:
-            count = pq.ParquetFile(path).metadata.num_rows
+        ends = [*self.features.shard_first_pids[1:], self.features.num_pois + 1]
+        for path, first_pid, end in zip(self.features.shards, self.features.shard_first_pids, ends, strict=True):
+            first, count = first_pid - 1, end - first_pid
             if first + count > start:
                 skip = max(0, start - first)
                 yield count - skip, lambda p=path, s=skip: _shard_blocks(p, s, block_rows)
-            first += count
 
 
 def _slice_rows(rows: SparseRows, first: int, last: int) -> SparseRows:

@@ -1,10 +1,12 @@
 """Where rows are ordered and files are published: the final writer.
 
 :class:`DatasetWriter` writes every model's file of one dataset. Blocks arrive in Pid order; it checks that Pids run
-1..N without gaps and that every code fits its codebook, counts SIDs as it goes (memory bounded by the codebook
-sizes) and hashes the bytes it writes. Each file is written under a partial name beside its final name and renamed
-into place only when complete and validated, so no partial output is ever visible. It then records the manifest and,
-when asked, uploads the dataset's files to the Hub in one commit.
+without gaps up to N and that every code fits its codebook, counts SIDs as it goes (memory bounded by the codebook
+sizes) and hashes the bytes it writes. A model's file may start with the rows of an existing file
+(:class:`~rqvae_ray.existing_rows.ExistingRows`), streamed in step with the blocks. Each file, and each file
+exported beside it (:mod:`rqvae_ray.exports`), is written under a partial name beside its final name and renamed
+into place only when complete and validated, so no partial output is ever visible. It then records the manifest
+and, when asked, uploads the dataset's files to the Hub in one commit.
 
 :class:`FinalWriter` is the Ray actor that runs one :class:`DatasetWriter` per dataset of a run, on the driver's node.
 """
@@ -12,7 +14,6 @@ when asked, uploads the dataset's files to the Hub in one commit.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import shutil
@@ -26,7 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
-from rqvae_ray.errors import OutputError, UploadError
+from rqvae_ray.errors import OutputError, RqvaeRayError, UploadError
+from rqvae_ray.existing_rows import ExistingReader, ExistingRows
+from rqvae_ray.exports import ModelExports
 from rqvae_ray.formatting import (
     CSV_HEADER,
     CSV_HEADER_WITH_SID,
@@ -37,6 +40,9 @@ from rqvae_ray.formatting import (
 )
 from rqvae_ray.outputs import (
     MANIFEST_FILE,
+    ExportRecord,
+    ExtendedFile,
+    HashingFile,
     Manifest,
     ManifestEntry,
     Provenance,
@@ -45,7 +51,7 @@ from rqvae_ray.outputs import (
     remove_stale_partials,
     utc_now,
 )
-from rqvae_ray.sid_stats import SidCounter
+from rqvae_ray.sid_stats import SidCounter, pack_codes, unpack_codes
 
 
 @dataclass(frozen=True)
@@ -58,79 +64,93 @@ class ModelTarget:
     codebook_sizes: tuple[int, ...]
     provenance: Provenance
     sinkhorn_levels: tuple[int, ...] = ()  # levels trained with Sinkhorn assignment (SIDs use the nearest codeword)
+    features_rows_sha256: str = ""  # rows_digests of the features of Pids 1..N
+    existing: ExistingRows | None = None  # the rows the file starts with
 
 
 @dataclass(frozen=True)
 class Published:
-    """One published file: its manifest entry and where it is."""
+    """One published codebooks file: its manifest entry and where it is."""
 
     entry: ManifestEntry
     path: str
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
-    closing it flushes and fsyncs."""
+@dataclass(frozen=True)
+class Refused:
+    """A model whose file was not published: ``reason`` is the one-line why."""
 
-    def __init__(self, path: Path, digest: hashlib._Hash) -> None:
-        super().__init__()
-        self._file = path.open("wb")
-        self._digest = digest
-        self._position = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self._digest.update(data)
-        written = self._file.write(data)
-        self._position += written
-        return written
-
-    def tell(self) -> int:
-        return self._position
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        super().close()
+    model_id: str
+    reason: str
 
 
 class _Sink:
-    """One model's partial output file.
+    """One model's partial output file (and its exports).
 
-    With dedup the rows first go to a spool file (Arrow IPC, on disk) while every SID is counted; closing the sink
-    then streams the spool once more, adding each shared SID's extra code in Pid order.
+    With dedup the new rows first go to a spool file (Arrow IPC, on disk) while every SID is counted; closing the
+    sink then streams the spool once more, adding the dedup codes in Pid order. Kept rows of an existing file are
+    written as they arrive from it, before any new row.
     """
 
-    def __init__(self, target: ModelTarget, final: Path, spec: OutputSpec) -> None:
+    def __init__(self, target: ModelTarget, final: Path, spec: OutputSpec, num_pois: int) -> None:
         self.target = target
         self.slot = ModelSlot(target.slot)
         self.final = final
         self.partial = partial_path(final)
         self.spec = spec
-        self.digest = hashlib.sha256()
+        self.levels = len(target.codebook_sizes)
         self.counter = SidCounter(target.codebook_sizes)
         self.encode_seconds = 0.0
         self.closed = False
+        self.changed = 0  # kept POIs whose freshly encoded SID differs from the file's
+        self.first_changed = 0
         self._parquet = None
         self._spool = None
         self._spool_path = partial_path(final, "spool")
+        self._existing = None
+        self.exports = None
         # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
-        self._handle = _HashingFile(self.partial, self.digest)
-        if spec.fmt is OutputFormat.CSV:
-            self._handle.write(CSV_HEADER_WITH_SID if spec.sid_tokens else CSV_HEADER)
+        self._handle = HashingFile(self.partial)
+        try:
+            self.exports = ModelExports(final, spec, target.codebook_sizes, num_pois) if spec.exported else None
+            if target.existing is not None:
+                self._existing = ExistingReader(target.existing, spec.fmt is OutputFormat.CSV)
+            if spec.fmt is OutputFormat.CSV:
+                self._start_csv()
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def digest(self):
+        return self._handle.digest
+
+    def _start_csv(self) -> None:
+        header = CSV_HEADER_WITH_SID if self.spec.sid_tokens else CSV_HEADER
+        if self._existing is not None:
+            kept = io.BytesIO()
+            self._existing.copy_lines(1, kept)
+            if kept.getvalue() != header:
+                raise OutputError(
+                    f"{self._existing.existing.path} starts with {kept.getvalue()[:60]!r}, not the header "
+                    f"{header!r} of this run's options; use the same options or --force",
+                    path=self._existing.existing.path,
+                )
+        self._handle.write(header)
 
     def append(self, block: pa.Table) -> None:
+        if self._existing is not None:
+            first_pid = int(block.column("Pid")[0].as_py()) if block.num_rows else 0
+            inside = min(block.num_rows, max(0, self._existing.existing.rows - first_pid + 1))
+            if inside and self._existing.existing.verify:
+                self._verify(block.slice(0, inside))
+            block = block.slice(inside)
+            if not block.num_rows or self.changed:
+                return
+            self._keep_rest()
         encoded = self.slot.read(block)
         sids = encoded.sid.to_numpy()
-        if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
-            raise OutputError(
-                f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected",
-                path=str(self.final),
-            )
+        self._check_codes(sids)
         self.counter.add(sids)
         if encoded.seconds is not None:
             self.encode_seconds += float(pc.sum(encoded.seconds).as_py() or 0.0)
@@ -143,8 +163,93 @@ class _Sink:
             self._spool = pa.ipc.new_file(self._spool_path, table.schema)
         self._spool.write_table(table)
 
+    def _check_codes(self, sids: np.ndarray) -> None:
+        if len(sids) and (sids.min() < 0 or sids.max() >= self.counter.space):
+            raise OutputError(
+                f"{self.target.model_id}: a code falls outside the codebook sizes; output rejected",
+                path=str(self.final),
+            )
+
+    def _verify(self, block: pa.Table) -> None:
+        """Keep the next rows of the existing file, checking that the block's fresh SIDs of them are the same."""
+        kept = self._keep(block.num_rows)
+        if kept is None:  # refused already: the rest is only counted
+            kept = self._kept_sids(self._existing.take(block.num_rows))[1]
+        differ = np.flatnonzero(self.slot.read(block).sid.to_numpy() != kept)
+        if len(differ):
+            if not self.changed:
+                self.first_changed = int(block.column("Pid")[int(differ[0])].as_py())
+            self.changed += len(differ)
+
+    def _keep_rest(self) -> None:
+        """Keep every existing row not kept yet (before the first new row, or at the end)."""
+        while self._existing.remaining:
+            self._keep(min(self._existing.remaining, 1 << 16))
+
+    def _keep(self, count: int) -> np.ndarray | None:
+        """Write the next ``count`` rows of the existing file as they are and seed every count from them; returns
+        their packed SIDs (None once the file is refused: nothing is written any more)."""
+        if self.changed:
+            return None
+        table = self._existing.take(count)
+        codes, packed = self._kept_sids(table)
+        expected = np.arange(self._existing.taken - count + 1, self._existing.taken + 1)
+        pids = table.column("Pid").to_numpy()
+        if not np.array_equal(pids, expected):
+            row = int(np.flatnonzero(pids != expected)[0])
+            raise OutputError(
+                f"{self._existing.existing.path}: Pid {int(pids[row])} where {int(expected[row])} was expected; "
+                "use --force to redo it",
+                path=self._existing.existing.path,
+            )
+        self.counter.add(packed)
+        if self.spec.dedup:
+            self.counter.seed_codes(packed, codes[:, self.levels])
+        if self.exports is not None:
+            self.exports.add(pids, codes)
+        if self.spec.fmt is OutputFormat.CSV:
+            self._existing.copy_lines(count, self._handle)
+        else:
+            names = ["Pid", "Codebook", "Vector", *(["SID"] if self.spec.sid_tokens else [])]
+            self._write_parquet(table.select(names))
+        return packed
+
+    def _kept_sids(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """The codes of existing rows as ``[n, levels (+1 with dedup)]`` (-1: no dedup code) and their packed SIDs."""
+        codebook = table.column("Codebook").combine_chunks()
+        lengths = pc.list_value_length(codebook).to_numpy()
+        if self.spec.dedup:
+            allowed = {self.levels + 1} if self.spec.fixed_length else {self.levels, self.levels + 1}
+        else:
+            allowed = {self.levels}
+        bad = np.flatnonzero(~np.isin(lengths, list(allowed)))
+        if len(bad):
+            pid = table.column("Pid")[int(bad[0])].as_py()
+            raise OutputError(
+                f"{self._existing.existing.path}: Pid {pid} has {lengths[bad[0]]} codes, not "
+                f"{' or '.join(map(str, sorted(allowed)))} as this run's options give; use the same options or --force",
+                path=self._existing.existing.path,
+            )
+        width = self.levels + (1 if self.spec.dedup else 0)
+        codes = np.full((len(lengths), width), -1, dtype=np.int64)
+        flat = codebook.flatten().to_numpy().astype(np.int64)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        codes[rows, np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = flat
+        sizes = np.array(self.target.codebook_sizes)
+        if len(codes) and ((codes[:, : self.levels] < 0) | (codes[:, : self.levels] >= sizes)).any():
+            raise OutputError(
+                f"{self._existing.existing.path}: a code falls outside the codebook sizes {self.target.codebook_sizes} "
+                "of the model; use --force to redo it",
+                path=self._existing.existing.path,
+            )
+        packed = pack_codes(codes, self.target.codebook_sizes)
+        return codes, packed
+
     def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, extra: np.ndarray | None) -> None:
-        levels = len(self.target.codebook_sizes)
+        levels = self.levels
+        if self.exports is not None:
+            codes = unpack_codes(encoded.sid.to_numpy(), self.target.codebook_sizes)
+            self.exports.add(pids.to_numpy(), codes if extra is None else np.column_stack([codes, extra]))
         if self.spec.fmt is OutputFormat.CSV:
             if encoded.lines is not None:
                 self._handle.write(string_bytes(encoded.lines))
@@ -156,8 +261,6 @@ class _Sink:
             }
             self._handle.write(string_bytes(csv_lines(parts, extra, levels)))
             return
-        import pyarrow.parquet as pq
-
         columns = {
             "Pid": pids,
             "Codebook": encoded.codebook if extra is None else with_dedup_codes(encoded.codebook, extra),
@@ -166,13 +269,19 @@ class _Sink:
         if self.spec.sid_tokens:
             tokens = _whole(encoded.tokens)
             columns["SID"] = tokens if extra is None else with_dedup_tokens(tokens, extra, levels)
-        out = pa.table(columns)
+        self._write_parquet(pa.table(columns))
+
+    def _write_parquet(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
         if self._parquet is None:
             # Dictionary encoding is retried for every row group and costs ~8x the CPU of the plain encoding on
             # the float Vector column, for a larger file; only the SID strings repeat enough to gain from it.
             dictionary = ["SID"] if self.spec.sid_tokens else False
-            self._parquet = pq.ParquetWriter(self._handle, out.schema, use_dictionary=dictionary)
-        self._parquet.write_table(out)
+            self._parquet = pq.ParquetWriter(self._handle, table.schema, use_dictionary=dictionary)
+        elif table.schema != self._parquet.schema:
+            table = table.cast(self._parquet.schema)
+        self._parquet.write_table(table)
 
     def _replay_spool(self) -> None:
         if self._spool is None:
@@ -183,25 +292,38 @@ class _Sink:
             for index in range(reader.num_record_batches):
                 batch = reader.get_batch(index)
                 encoded = EncodedColumns(**{name: batch.column(name) for name in batch.schema.names if name != "Pid"})
-                self._emit(batch.column("Pid"), encoded, self.counter.dedup_codes(encoded.sid.to_numpy()))
+                extra = self.counter.dedup_codes(encoded.sid.to_numpy(), self.spec.fixed_length)
+                self._emit(batch.column("Pid"), encoded, extra)
         self._spool_path.unlink()
 
     def close(self) -> None:
-        """Finish the partial file (flushed and fsynced)."""
+        """Finish the partial file (flushed and fsynced) and its exports; a refused file is left as it is."""
         if self.closed:
             return
         self.closed = True
+        if self.changed:
+            return
+        if self._existing is not None:
+            self._keep_rest()
+            self._existing.close()
         self._replay_spool()
         if self._parquet is not None:
             self._parquet.close()
         self._handle.close()  # Parquet may have closed it already, which is harmless
+        if self.exports is not None:
+            self.exports.close(self.counter)
 
     def discard(self) -> None:
         """Close and delete the partial files."""
         try:
             self.close()
-        except (OSError, ValueError, pa.ArrowException):
+        except (OSError, ValueError, pa.ArrowException, RqvaeRayError):
             pass
+        for closing in (self._existing, self._handle):
+            if closing is not None:
+                closing.close()
+        if self.exports is not None:
+            self.exports.discard()
         for path in (self.partial, self._spool_path):
             path.unlink(missing_ok=True)
 
@@ -214,6 +336,13 @@ def _unwritable(exc: OSError, folder: Path) -> OutputError:
     return OutputError(f"cannot write in {where} ({why}); choose a writable --out-dir", path=str(where))
 
 
+def _changed_reason(sink: _Sink) -> str:
+    return (
+        f"{sink.changed} POI(s) already in {sink.target.filename} now get another SID (first Pid {sink.first_changed}):"
+        " their features changed since it was written; --force redoes the file from scratch"
+    )
+
+
 def _whole(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
@@ -222,7 +351,9 @@ class DatasetWriter:
     """Writes every model's output of one dataset (in the :class:`FinalWriter` actor, or in-process).
 
     ``out_dir`` None means upload-only: files are written under a private temporary directory on this node, which is
-    removed after a successful upload and kept (and named in the error) when the upload fails.
+    removed after a successful upload and kept (and named in the error) when the upload fails. Blocks start at Pid
+    ``first_pid``: a model whose file starts with existing rows needs none of them, and ignores those it is given
+    unless it verifies them.
     """
 
     def __init__(
@@ -233,6 +364,7 @@ class DatasetWriter:
         base_folder: str,
         spec: OutputSpec,
         num_pois: int,
+        first_pid: int = 1,
     ) -> None:
         self.repo = repo
         self.spec = spec
@@ -241,13 +373,19 @@ class DatasetWriter:
         self.temporary = out_dir is None
         self.root = Path(tempfile.mkdtemp(prefix="rqvae_ray-out-")) if out_dir is None else Path(out_dir)
         self.folder = output_dir(self.root, repo, base_folder)
+        self.sinks: list[_Sink] = []
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             remove_stale_partials(self.folder)
-            self.sinks = [_Sink(target, self.folder / target.filename, spec) for target in targets]
+            for target in targets:
+                self.sinks.append(_Sink(target, self.folder / target.filename, spec, num_pois))
         except OSError as exc:
+            self.abort()
             raise _unwritable(exc, self.folder) from None
-        self.next_pid = 1
+        except BaseException:
+            self.abort()
+            raise
+        self.next_pid = first_pid
         self.published: list[Path] = []
 
     def write(self, block: pa.Table, span: tuple[int, int] | None = None) -> int:
@@ -269,23 +407,35 @@ class DatasetWriter:
         self.next_pid += len(pids)
         return self.next_pid - 1
 
-    def finish(self) -> list[Published]:
-        """Validate every file, rename it into place and update the manifest; one result per model."""
-        for sink in self.sinks:
-            sink.close()
+    def finish(self) -> list[Published | Refused]:
+        """Validate every file, rename it and its exports into place and update the manifest; one result per model
+        (a :class:`Refused` one for a model whose kept POIs now get other SIDs)."""
+        try:
+            for sink in self.sinks:
+                sink.close()
+        except BaseException:
+            self.abort()
+            raise
         if self.next_pid - 1 != self.num_pois:
             self.abort()
             raise OutputError(f"{self.repo}: wrote {self.next_pid - 1} rows but the dataset has {self.num_pois} POIs")
         manifest = Manifest.read(self.folder, self.repo)
-        results = []
+        results: list[Published | Refused] = []
         for sink in self.sinks:
-            try:
-                os.replace(sink.partial, sink.final)
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot publish {sink.final}: {exc.strerror}; check the folder's permissions", path=str(sink.final)
-                ) from None
-            self.published.append(sink.final)
+            if sink.changed:
+                sink.discard()
+                results.append(Refused(sink.target.model_id, _changed_reason(sink)))
+                continue
+            exported = sink.exports.files if sink.exports is not None else []
+            for partial, final in [(sink.partial, sink.final), *((e.partial, e.final) for e in exported)]:
+                try:
+                    os.replace(partial, final)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot publish {final}: {exc.strerror}; check the folder's permissions", path=str(final)
+                    ) from None
+                self.published.append(final)
+            existing = sink.target.existing
             entry = ManifestEntry(
                 file=sink.target.filename,
                 model_id=sink.target.model_id,
@@ -298,6 +448,10 @@ class DatasetWriter:
                 sid_stats=sink.counter.summary(),
                 encode_seconds=round(sink.encode_seconds, 3),
                 sinkhorn_levels=list(sink.target.sinkhorn_levels),
+                fixed_length=self.spec.fixed_length,
+                exports=[ExportRecord(e.export.value, e.final.name, e.sha256) for e in exported],
+                features_rows_sha256=sink.target.features_rows_sha256,
+                extends=None if existing is None else ExtendedFile(existing.sha256, existing.rows),
                 **vars(sink.target.provenance),
             )
             manifest.entries[entry.file] = entry
@@ -348,8 +502,9 @@ class FinalWriter:
         base_folder: str,
         spec: OutputSpec,
         num_pois: int,
+        first_pid: int = 1,
     ) -> None:
-        self._writers[repo] = DatasetWriter(repo, targets, out_dir, base_folder, spec, num_pois)
+        self._writers[repo] = DatasetWriter(repo, targets, out_dir, base_folder, spec, num_pois, first_pid)
         self._early[repo], self._next[repo], self._locks[repo] = {}, 0, threading.Lock()
 
     def write(self, repo: str, seq: int, block: pa.Table, span: tuple[int, int] | None) -> int:
@@ -362,7 +517,7 @@ class FinalWriter:
                 self._next[repo] += 1
             return writer.next_pid - 1
 
-    def finish(self, repo: str) -> list[Published]:
+    def finish(self, repo: str) -> list[Published | Refused]:
         with self._locks[repo]:
             if self._early[repo]:
                 raise OutputError(f"{repo}: {len(self._early[repo])} block(s) never got their predecessors written")

@@ -3,19 +3,26 @@ rule, validation, and nothing partial left behind."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
+from rqvae_ray.contract import EncodedColumns, Export, ModelSlot, OutputFormat, OutputSpec
 from rqvae_ray.encode_stage import EncodeModels
 from rqvae_ray.encoder import Encoder, SparseRows
 from rqvae_ray.errors import OutputError
+from rqvae_ray.existing_rows import ExistingRows
 from rqvae_ray.features import sparse_table
 from rqvae_ray.formatting import CSV_HEADER, CSV_HEADER_WITH_SID, csv_lines, csv_parts, string_bytes
-from rqvae_ray.outputs import MANIFEST_FILE, Manifest, Provenance, output_dir
-from rqvae_ray.writer import DatasetWriter, FinalWriter, ModelTarget
+from rqvae_ray.outputs import MANIFEST_FILE, ExtendedFile, Manifest, Provenance, output_dir
+from rqvae_ray.readers import read_codebooks
+from rqvae_ray.sid_stats import SidCounter, pack_codes
+from rqvae_ray.writer import DatasetWriter, FinalWriter, ModelTarget, Refused
+from tests.sid_rules import assert_exports_match, dedup_rule, extended_rule
 from tests.unit_models import rows, weights
 
 N = 240
@@ -183,3 +190,115 @@ def test_final_writer_applies_each_datasets_blocks_in_sequence(tmp_path):
     assert final.write(REPO, 3, blocks[3], None) == 240
     for model, item in enumerate(final.finish(REPO)):
         assert (_folder(tmp_path) / item.entry.file).read_bytes() == _expected_csv(model, tokens=False)
+
+
+def _codes(model: int, data: SparseRows | None = None) -> list[list[int]]:
+    return Encoder(MODELS[model][1]).encode(rows(N) if data is None else data)[0].tolist()
+
+
+def _codebooks(path) -> list[list[int]]:
+    return [list(code) for code in read_codebooks(path)["Codebook"]]
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.CSV, OutputFormat.PARQUET])
+def test_fixed_length_gives_every_poi_a_dedup_code(tmp_path, fmt):
+    spec = OutputSpec(fmt, dedup=True, fixed_length=True, sid_tokens=True)
+    published = _write(tmp_path, _encode(_blocks([50, 190]), spec, packed=True), spec).finish()
+    for model, item in enumerate(published):
+        got = _codebooks(_folder(tmp_path) / item.entry.file)
+        assert got == dedup_rule(_codes(model), fixed_length=True)
+        assert {len(code) for code in got} == {4} and len({tuple(code) for code in got}) == N
+        assert item.entry.fixed_length and item.entry.dedup
+
+
+M = 100  # rows of the existing file in the tests below
+
+
+def _first_file(tmp_path, spec: OutputSpec) -> list:
+    """Files of the first M POIs, as a first run over a dataset of M POIs writes them."""
+    return _write(tmp_path, _encode(_blocks([60, 40, 140])[:2], spec, True), spec, num_pois=M).finish()
+
+
+def _extend(tmp_path, spec: OutputSpec, existing: list, first_pid: int, data_seed: int = 0) -> DatasetWriter:
+    """A writer whose models start from ``existing`` (one per model, or None), given the blocks from ``first_pid``."""
+    targets = [replace(t, existing=e) for t, e in zip(_targets(spec.fmt), existing, strict=True)]
+    writer = DatasetWriter(REPO, targets, str(tmp_path), "LLM Dataset", spec, N, first_pid)
+    data = rows(N, seed=data_seed)
+    for start in range(first_pid - 1, N, 70):
+        stop = min(start + 70, N)
+        lo, hi = data.indptr[start], data.indptr[stop]
+        part = SparseRows(data.indptr[start : stop + 1] - lo, data.indices[lo:hi], None)
+        (block,) = _encode([sparse_table(part, first_pid=start + 1)], spec, packed=True)
+        writer.write(block)
+    return writer
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dedup"), [(OutputFormat.CSV, False), (OutputFormat.CSV, True), (OutputFormat.PARQUET, True)]
+)
+def test_a_file_starts_with_the_rows_of_an_existing_one(tmp_path, fmt, dedup):
+    spec = OutputSpec(fmt, dedup=dedup, sid_tokens=True, exports=frozenset({Export.INDEX_JSON, Export.TENSOR}))
+    first = _first_file(tmp_path / "first", spec)
+    existing = [ExistingRows(p.path, M, p.entry.sha256) for p in first]
+    published = _extend(tmp_path / "next", spec, existing, M + 1).finish()
+    for model, (old, new) in enumerate(zip(first, published, strict=True)):
+        codes = _codes(model)
+        kept = _codebooks(old.path)
+        want = extended_rule(kept, codes[M:]) if dedup else codes
+        assert _codebooks(new.path) == want
+        if fmt is OutputFormat.CSV:
+            old_bytes = Path(old.path).read_bytes()
+            assert Path(new.path).read_bytes()[: len(old_bytes)] == old_bytes
+        else:
+            assert pq.read_table(new.path).slice(0, M).equals(pq.read_table(old.path))
+        assert new.entry.extends == ExtendedFile(old.entry.sha256, M) and new.entry.rows == N
+        assert new.entry.sid_stats["pois"] == N and new.entry.sid_stats == _stats_of(codes, model)
+        assert_exports_match(_folder(tmp_path / "next"), new.entry.file, 3, dedup, {"index-json", "tensor"})
+    if dedup:  # a kept POI without a dedup code whose SID a new POI shares: its 3 codes prefix the new 4
+        rule = extended_rule(_codebooks(first[0].path), _codes(0)[M:])
+        assert any(len(a) == 3 and b[:3] == a for a in rule[:M] for b in rule[M:])
+
+
+def _stats_of(codes: list[list[int]], model: int) -> dict:
+    counter = SidCounter(MODELS[model][1].codebook_sizes)
+    counter.add(pack_codes(np.array(codes), MODELS[model][1].codebook_sizes))
+    return counter.summary()
+
+
+def test_kept_rows_given_again_are_ignored_or_verified(tmp_path):
+    """The blocks start at Pid 1 when any model verifies its kept rows: a model that trusts its file ignores them."""
+    spec = OutputSpec(dedup=True)
+    first = _first_file(tmp_path / "first", spec)
+    existing = [ExistingRows(first[0].path, M, first[0].entry.sha256), ExistingRows(first[1].path, M, verify=True)]
+    published = _extend(tmp_path / "next", spec, existing, 1).finish()
+    for model, item in enumerate(published):
+        assert _codebooks(item.path) == extended_rule(_codebooks(first[model].path), _codes(model)[M:])
+
+
+def test_kept_pois_whose_sid_changed_refuse_only_their_model(tmp_path):
+    spec = OutputSpec()
+    first = _first_file(tmp_path / "first", spec)
+    existing = [ExistingRows(first[0].path, M, verify=True), None]
+    results = _extend(tmp_path / "next", spec, existing, 1, data_seed=5).finish()
+    now = _codes(0, rows(N, seed=5))
+    changed = [pid for pid, (a, b) in enumerate(zip(_codes(0)[:M], now[:M], strict=True), 1) if a != b]
+    assert len(changed) > 1
+    assert results[0] == Refused(
+        MODELS[0][0],
+        f"{len(changed)} POI(s) already in {first[0].entry.file} now get another SID (first Pid {changed[0]}): "
+        "their features changed since it was written; --force redoes the file from scratch",
+    )
+    assert _codebooks(results[1].path) == _codes(1, rows(N, seed=5))
+    folder = _folder(tmp_path / "next")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST_FILE, results[1].entry.file])
+    assert set(Manifest.read(folder, REPO).entries) == {results[1].entry.file}
+
+
+def test_an_existing_file_that_ends_early_is_an_output_error(tmp_path):
+    spec = OutputSpec()
+    first = _first_file(tmp_path / "first", spec)
+    targets = [replace(t, existing=ExistingRows(p.path, 150)) for t, p in zip(_targets(spec.fmt), first, strict=True)]
+    writer = DatasetWriter(REPO, targets, str(tmp_path / "next"), "LLM Dataset", spec, N, 151)
+    with pytest.raises(OutputError, match="ends after 100 rows, before the 150 to keep; use --force"):
+        writer.finish()
+    assert list(_folder(tmp_path / "next").iterdir()) == []
