@@ -20,14 +20,11 @@ from rqvae_ray.features import PoiFeatures, sparse_table
 def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1):
     """A Ray Dataset of the rows of Pids ``start_pid``..N in order, in blocks of ``block_rows`` POIs."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     source = _PoiSource(features, block_rows, start_pid)
-    remote_args = {}
-    if features.shards:
-        node = ray.get_runtime_context().get_node_id()
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-    return ray.data.read_datasource(source, ray_remote_args=remote_args)
+    # Parquet is read on the driver's node, where the files are (every Ray node carries its ID as a label).
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if features.shards else None
+    return ray.data.read_datasource(source, label_selector=here)
 
 
 def _memory_blocks(rows: SparseRows, before: int, block_rows: int) -> Iterator[pa.Table]:
