@@ -35,19 +35,24 @@ class _Model:
         started = time.perf_counter()
         codes, vectors = self.encoder.encode(rows)
         packed = pack_codes(codes, self.encoder.weights.codebook_sizes)
-        sid = pa.array(packed)
-        if self.text is not None:
-            parts = self.text.csv_parts(pids, codes, packed)
-            if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
-                encoded = EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
-            else:
-                encoded = EncodedColumns(sid, lines=csv_lines(parts))
-        else:
-            columns = arrow_columns(pids, codes, vectors)
-            tokens = sid_tokens(codes) if spec.sid_tokens else None
-            encoded = EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
+        encoded = encoded_columns(pids, codes, vectors, packed, spec, self.text)
         share = (time.perf_counter() - started) / max(len(pids), 1)
         return dataclasses.replace(encoded, seconds=pa.array(np.full(len(pids), share)))
+
+
+def encoded_columns(
+    pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: SidText | None
+) -> EncodedColumns:
+    """A model's output columns for rows of known codes (``text``: its per-SID CSV text cache, for CSV)."""
+    sid = pa.array(packed)
+    if text is not None:
+        parts = text.csv_parts(pids, codes, packed)
+        if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
+            return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
+        return EncodedColumns(sid, lines=csv_lines(parts))
+    columns = arrow_columns(pids, codes, vectors)
+    tokens = sid_tokens(codes) if spec.sid_tokens else None
+    return EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
 
 
 class EncodeModels:

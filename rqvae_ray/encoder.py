@@ -71,6 +71,14 @@ class SparseRows:
         return cols, vals
 
 
+def codeword_sums(codebooks: tuple[np.ndarray, ...], codes: np.ndarray) -> np.ndarray:
+    """The Vector of each row: its codewords (float32) summed in float32 from level 0 up; a function of the codes."""
+    vectors = np.zeros((len(codes), codebooks[0].shape[1]), dtype=np.float32)
+    for level, book in enumerate(codebooks):
+        vectors += book[codes[:, level]]
+    return vectors
+
+
 class Encoder:
     """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU."""
 
@@ -107,10 +115,7 @@ class Encoder:
 
     def vectors(self, codes: np.ndarray) -> np.ndarray:
         """Sum of the chosen float32 codewords, accumulated in float32 from level 0 up."""
-        vectors = np.zeros((len(codes), self.weights.latent_dim), dtype=np.float32)
-        for level, book in enumerate(self.weights.codebooks):
-            vectors += book[codes[:, level]]
-        return vectors
+        return codeword_sums(self.weights.codebooks, codes)
 
     def _first_layer(self, cols: np.ndarray, vals: np.ndarray | None) -> np.ndarray:
         slot_cols = np.ascontiguousarray(cols.T)  # [slots, rows]: each gather reads contiguous indices

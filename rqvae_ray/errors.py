@@ -184,7 +184,7 @@ def reason_of(error: BaseException) -> str:
     """The one-line reason of a failure, found by class along Ray's wrapping (a ``RayTaskError``'s ``cause``,
     Python's ``__cause__`` and ``__context__``): the first of our own errors, else the innermost error's type and
     first line (never Ray's retry advice or traceback)."""
-    chain = _chain(error)
+    chain = error_chain(error)
     for current in chain:
         if isinstance(current, RqvaeRayError) and getattr(current, "cause", None) is None:
             return current.message
@@ -193,7 +193,7 @@ def reason_of(error: BaseException) -> str:
     return f"{type(inner).__name__}: {lines[0][:300]}" if lines else type(inner).__name__
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
     """``error`` and what it wraps, outermost first."""
     chain: list[BaseException] = []
     current: BaseException | None = error

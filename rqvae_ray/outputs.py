@@ -126,6 +126,70 @@ class HashingFile(io.RawIOBase):
         super().close()
 
 
+def journal_path(final: Path) -> Path:
+    """Where a run keeps the SIDs it has written to ``final`` so far (resume state): ``.<name>.resume``."""
+    return final.with_name(f".{final.name}.resume")
+
+
+def resume_state_path(final: Path) -> Path:
+    """The resume state of ``final``: ``.<name>.resume.json``, how many rows of the journal are safe."""
+    return final.with_name(f".{final.name}.resume.json")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """How far an interrupted run got with one file: ``rows`` SIDs of its journal are on disk, made for ``key``
+    (the inputs and options, see :func:`resume_key`), by the process ``owner`` (``host-pid``)."""
+
+    key: str
+    rows: int
+    encode_seconds: float
+    owner: str
+
+    @classmethod
+    def read(cls, final: Path) -> ResumeState | None:
+        try:
+            data = json.loads(resume_state_path(final).read_text())
+            return cls(str(data["key"]), int(data["rows"]), float(data["encode_seconds"]), str(data["owner"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, final: Path) -> None:
+        data = json.dumps(asdict(self)).encode()
+        atomic_write(resume_state_path(final), lambda partial: partial.write_bytes(data))
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that wrote it still runs (on this host; another host's is taken as alive)."""
+        host, _, pid = self.owner.rpartition("-")
+        if host != socket.gethostname() or not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def resume_key(model_id: str, filename: str, provenance: Provenance, spec: OutputSpec, num_pois: int) -> str:
+    """What a file's resume state must have been made for, to be resumed: the same model, inputs and options."""
+    options = {**asdict(spec), "fmt": spec.fmt.value, "exports": sorted(e.value for e in spec.exports)}
+    document = {"model_id": model_id, "file": filename, **asdict(provenance), "spec": options, "pois": num_pois}
+    document["tool_version"] = __version__
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_resume_state(final: Path) -> None:
+    for path in (resume_state_path(final), journal_path(final)):
+        path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Provenance:
     """The inputs an output was made from."""

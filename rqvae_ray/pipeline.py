@@ -20,7 +20,7 @@ from pathlib import Path
 from rqvae_ray import __version__
 from rqvae_ray.checkpoint import ModelWeights, load_checkpoint_bytes
 from rqvae_ray.contract import OutputSpec
-from rqvae_ray.errors import Cancelled, CheckpointError, RqvaeRayError, reason_of
+from rqvae_ray.errors import Cancelled, CheckpointError, RqvaeRayError, error_chain, reason_of
 from rqvae_ray.existing_rows import ExistingRows
 from rqvae_ray.feature_digest import rows_digests
 from rqvae_ray.features import PoiFeatures, load_features
@@ -31,10 +31,13 @@ from rqvae_ray.outputs import (
     Existing,
     ManifestEntry,
     Provenance,
+    ResumeState,
     check_existing,
     codebooks_filename,
     output_dir,
+    remove_resume_state,
     remove_stale_partials,
+    resume_key,
 )
 from rqvae_ray.plan import DatasetPlan, plan_dataset
 from rqvae_ray.progress import Progress
@@ -86,6 +89,8 @@ class Ready:
     weights: ModelWeights
     provenance: Provenance
     existing: ExistingRows | None = None
+    resume_key: str = ""  # its file's resume state is kept under this key ("" when none is: upload only, kept rows)
+    resumed: ResumeState | None = None  # the state of an interrupted run this one continues
 
     @property
     def revision(self) -> str:
@@ -105,10 +110,15 @@ class Loaded:
     @property
     def first_pid(self) -> int:
         """The first Pid any model needs encoded (N + 1 when every model keeps all its rows unverified)."""
-        return min(
-            (r.existing.rows + 1 if r.existing is not None and not r.existing.verify else 1 for r in self.ready),
-            default=1,
-        )
+        return min((_first_needed(r) for r in self.ready), default=1)
+
+
+def _first_needed(ready: Ready) -> int:
+    if ready.resumed is not None:
+        return ready.resumed.rows + 1
+    if ready.existing is not None and not ready.existing.verify:
+        return ready.existing.rows + 1
+    return 1
 
 
 def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress | None = None) -> list[ModelResult]:
@@ -271,7 +281,34 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
         return Loaded(features, ready, results)
     digests = rows_digests(features, {features.num_pois, *(entry.rows for _, entry in kept.values())})
     ready = [_keeping(r, kept.get(r.spec.model_id), digests, features.num_pois, progress) for r in ready]
+    if folder is not None and not options.output.keep_existing:
+        ready = _resuming(ready, folder, options, features.num_pois, progress)
     return Loaded(features, ready, results, digests[features.num_pois])
+
+
+def _resuming(ready: list[Ready], folder: Path, options: RunOptions, num_pois: int, progress: Progress) -> list[Ready]:
+    """Every model with the resume key of its file, continuing an interrupted run of the same inputs and options
+    when every model of the dataset has one (from the fewest rows any has); other resume states are dropped."""
+    keyed, states = [], []
+    for r in ready:
+        final = folder / codebooks_filename(r.spec.name, options.output.fmt)
+        key = resume_key(r.spec.model_id, final.name, r.provenance, options.output, num_pois)
+        state = ResumeState.read(final)
+        if state is not None and state.owner_alive:  # another run is writing this file: leave its state alone
+            states.append(None)
+        elif state is not None and state.key == key and not options.force:
+            states.append(state)
+        else:
+            remove_resume_state(final)
+            states.append(None)
+        keyed.append(dataclasses.replace(r, resume_key=key))
+    if not all(state is not None and state.rows > 0 for state in states):
+        return keyed
+    rows = min(state.rows for state in states)
+    progress.note(f"{ready[0].spec.dataset_repo}: resuming an interrupted run: {rows} POIs kept, from Pid {rows + 1}")
+    return [
+        dataclasses.replace(r, resumed=dataclasses.replace(s, rows=rows)) for r, s in zip(keyed, states, strict=True)
+    ]
 
 
 def _keeping(
@@ -356,6 +393,12 @@ def build_dataset(
     return ds
 
 
+def _interrupted(error: BaseException) -> bool:
+    """Whether a dataset failed from an interruption or a fault (its resume state is worth keeping), rather than for
+    a reason of its inputs or options (ours, found by class along Ray's wrapping) that a rerun would meet again."""
+    return not any(isinstance(e, RqvaeRayError) and not isinstance(e, Cancelled) for e in error_chain(error))
+
+
 def model_targets(loaded: Loaded, spec: OutputSpec) -> list[ModelTarget]:
     """What the writer needs to know about each model to run of ``loaded`` (the ``i``-th model in slot ``i``)."""
     return [
@@ -368,6 +411,10 @@ def model_targets(loaded: Loaded, spec: OutputSpec) -> list[ModelTarget]:
             r.weights.sinkhorn_levels,
             loaded.rows_sha256,
             r.existing,
+            r.weights.codebooks,
+            r.resume_key,
+            r.resumed.rows if r.resumed is not None else 0,
+            r.resumed.encode_seconds if r.resumed is not None else 0.0,
         )
         for slot, r in enumerate(loaded.ready)
     ]
@@ -428,7 +475,7 @@ def _encode_and_write(
     except Exception as exc:  # noqa: BLE001
         failure = reason_of(exc)
         try:
-            ray.get(writer.abort.remote(repo))
+            ray.get(writer.abort.remote(repo, _interrupted(exc)))
         except ray.exceptions.RayError:
             pass
     by_model = {f.entry.model_id if isinstance(f, Published) else f.model_id: f for f in finished}

@@ -13,12 +13,16 @@ and, when asked, uploads the dataset's files to the Hub in one commit.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import functools
 import io
 import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec
+from rqvae_ray.encoder import codeword_sums
 from rqvae_ray.errors import OutputError, RqvaeRayError, UploadError
 from rqvae_ray.existing_rows import ExistingReader, ExistingRows
 from rqvae_ray.exports import ModelExports
 from rqvae_ray.formatting import (
     CSV_HEADER,
     CSV_HEADER_WITH_SID,
+    SidText,
     csv_lines,
     string_bytes,
     with_dedup_codes,
@@ -46,12 +52,23 @@ from rqvae_ray.outputs import (
     Manifest,
     ManifestEntry,
     Provenance,
+    ResumeState,
+    journal_path,
     output_dir,
+    owner_tag,
     partial_path,
+    remove_resume_state,
     remove_stale_partials,
     utc_now,
 )
 from rqvae_ray.sid_stats import SidCounter, pack_codes, unpack_codes
+
+JOURNAL_DTYPE = np.dtype("<i8")  # one packed SID per row
+JOURNAL_ITEM_BYTES = JOURNAL_DTYPE.itemsize
+REPLAY_ROWS = 1 << 16  # rows rebuilt from a journal at a time
+# How often the writer makes its journals safe on disk: an interrupted run is resumed from the last checkpoint.
+CHECKPOINT_S = 2.0
+PARQUET_ROW_GROUP_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,10 @@ class ModelTarget:
     sinkhorn_levels: tuple[int, ...] = ()  # levels trained with Sinkhorn assignment (SIDs use the nearest codeword)
     features_rows_sha256: str = ""  # rows_digests of the features of Pids 1..N
     existing: ExistingRows | None = None  # the rows the file starts with
+    codebooks: tuple[np.ndarray, ...] = ()  # the model's codebooks (float32), to rebuild rows from their codes
+    resume_key: str = ""  # the key of its resume state (empty: no resume state is kept)
+    resume_rows: int = 0  # rows 1..resume_rows come from the journal of an interrupted run
+    resume_seconds: float = 0.0  # the encode seconds of those rows
 
 
 @dataclass(frozen=True)
@@ -105,13 +126,19 @@ class _Sink:
         self.changed = 0  # kept POIs whose freshly encoded SID differs from the file's
         self.first_changed = 0
         self._parquet = None
+        self._row_groups: list[pa.Table] = []  # Parquet rows not yet written as a row group
+        self._held_rows = 0
         self._spool = None
         self._spool_path = partial_path(final, "spool")
         self._existing = None
         self.exports = None
+        self._journal = None
+        self.journaled = 0
         # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
         self._handle = HashingFile(self.partial)
         try:
+            if target.resume_key:
+                self._open_journal()
             self.exports = ModelExports(final, spec, target.codebook_sizes, num_pois) if spec.exported else None
             if target.existing is not None:
                 self._existing = ExistingReader(target.existing, spec.fmt is OutputFormat.CSV)
@@ -124,6 +151,45 @@ class _Sink:
     @property
     def digest(self):
         return self._handle.digest
+
+    def _open_journal(self) -> None:
+        """The journal of this file's SIDs (resume state): continued from its first ``resume_rows``, else new."""
+        path = journal_path(self.final)
+        if self.target.resume_rows:
+            self._journal = path.open("r+b")
+            self._journal.truncate(self.target.resume_rows * JOURNAL_ITEM_BYTES)
+            self._journal.seek(0, os.SEEK_END)
+        else:
+            remove_resume_state(self.final)
+            self._journal = path.open("wb")
+        self.journaled = self.target.resume_rows
+
+    def replay(self) -> None:
+        """Write rows 1..resume_rows again from the journal of the interrupted run: the same codes, formatted by the
+        same code as in the encoder actors, give the same bytes."""
+        from rqvae_ray.encode_stage import encoded_columns
+
+        sizes, rows = self.target.codebook_sizes, self.target.resume_rows
+        vectors_of = functools.partial(codeword_sums, self.target.codebooks)
+        text = SidText(vectors_of, self.spec.sid_tokens) if self.spec.fmt is OutputFormat.CSV else None
+        journal = np.memmap(journal_path(self.final), dtype=JOURNAL_DTYPE, mode="r", shape=(rows,))
+        for start in range(0, rows, REPLAY_ROWS):
+            packed = np.array(journal[start : start + REPLAY_ROWS], dtype=np.int64)
+            codes = unpack_codes(packed, sizes).astype(np.int32)
+            pids = np.arange(start + 1, start + 1 + len(packed), dtype=np.int64)
+            encoded = encoded_columns(pids, codes, vectors_of(codes), packed, self.spec, text)
+            encoded = dataclasses.replace(encoded, seconds=pa.array(np.zeros(len(pids))))  # counted in the state
+            self.append(self.slot.attach(pa.table({"Pid": pa.array(pids)}), encoded), journal=False)
+        del journal
+        self.encode_seconds += self.target.resume_seconds
+
+    def checkpoint(self) -> None:
+        """Make the SIDs written so far safe on disk and record how many (the resume state of this file)."""
+        if self._journal is None or self._journal.closed:
+            return
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        ResumeState(self.target.resume_key, self.journaled, self.encode_seconds, owner_tag()).write(self.final)
 
     def _start_csv(self) -> None:
         header = CSV_HEADER_WITH_SID if self.spec.sid_tokens else CSV_HEADER
@@ -138,7 +204,7 @@ class _Sink:
                 )
         self._handle.write(header)
 
-    def append(self, block: pa.Table) -> None:
+    def append(self, block: pa.Table, journal: bool = True) -> None:
         if self._existing is not None:
             first_pid = int(block.column("Pid")[0].as_py()) if block.num_rows else 0
             inside = min(block.num_rows, max(0, self._existing.existing.rows - first_pid + 1))
@@ -152,6 +218,9 @@ class _Sink:
         sids = encoded.sid.to_numpy()
         self._check_codes(sids)
         self.counter.add(sids)
+        if journal and self._journal is not None:
+            self._journal.write(sids.astype(JOURNAL_DTYPE).tobytes())
+            self.journaled += len(sids)
         if encoded.seconds is not None:
             self.encode_seconds += float(pc.sum(encoded.seconds).as_py() or 0.0)
         if not self.spec.dedup:
@@ -281,7 +350,18 @@ class _Sink:
             self._parquet = pq.ParquetWriter(self._handle, table.schema, use_dictionary=dictionary)
         elif table.schema != self._parquet.schema:
             table = table.cast(self._parquet.schema)
-        self._parquet.write_table(table)
+        # Row groups of a fixed size, whatever the blocks: the file's bytes depend on its rows alone (the plan, the
+        # blocks Ray Data makes, or resuming an interrupted run change nothing).
+        self._row_groups.append(table)
+        self._held_rows += table.num_rows
+        while self._held_rows >= PARQUET_ROW_GROUP_ROWS:
+            self._flush_row_group(PARQUET_ROW_GROUP_ROWS)
+
+    def _flush_row_group(self, rows: int) -> None:
+        held = pa.concat_tables(self._row_groups)
+        # One chunk per column: pages are cut where the chunks are fed in, so the chunks must not depend on the blocks.
+        self._parquet.write_table(held.slice(0, rows).combine_chunks(), row_group_size=rows)
+        self._row_groups, self._held_rows = [held.slice(rows)], self._held_rows - rows
 
     def _replay_spool(self) -> None:
         if self._spool is None:
@@ -301,6 +381,8 @@ class _Sink:
         if self.closed:
             return
         self.closed = True
+        if self._journal is not None:
+            self._journal.close()
         if self.changed:
             return
         if self._existing is not None:
@@ -308,20 +390,27 @@ class _Sink:
             self._existing.close()
         self._replay_spool()
         if self._parquet is not None:
+            if self._held_rows:
+                self._flush_row_group(self._held_rows)
             self._parquet.close()
         self._handle.close()  # Parquet may have closed it already, which is harmless
         if self.exports is not None:
             self.exports.close(self.counter)
 
-    def discard(self) -> None:
-        """Close and delete the partial files."""
-        try:
-            self.close()
-        except (OSError, ValueError, pa.ArrowException, RqvaeRayError):
-            pass
-        for closing in (self._existing, self._handle):
+    def discard(self, keep_resume: bool = False) -> None:
+        """Close and delete the partial files; the resume state too, unless ``keep_resume`` (an interrupted run,
+        which the next run with the same inputs continues)."""
+        if keep_resume:
+            self.checkpoint()
+        if self._journal is not None:
+            self._journal.close()
+        if not keep_resume:
+            remove_resume_state(self.final)
+        self.closed = True  # nothing more is written: a dropped file is not finished
+        for closing in (self._spool, self._parquet, self._existing, self._handle):
             if closing is not None:
-                closing.close()
+                with contextlib.suppress(OSError, ValueError, pa.ArrowException, RqvaeRayError):
+                    closing.close()
         if self.exports is not None:
             self.exports.discard()
         for path in (self.partial, self._spool_path):
@@ -379,6 +468,9 @@ class DatasetWriter:
             remove_stale_partials(self.folder)
             for target in targets:
                 self.sinks.append(_Sink(target, self.folder / target.filename, spec, num_pois))
+            for sink in self.sinks:
+                if sink.target.resume_rows:
+                    sink.replay()
         except OSError as exc:
             self.abort()
             raise _unwritable(exc, self.folder) from None
@@ -387,6 +479,7 @@ class DatasetWriter:
             raise
         self.next_pid = first_pid
         self.published: list[Path] = []
+        self._checkpointed = time.monotonic()
 
     def write(self, block: pa.Table, span: tuple[int, int] | None = None) -> int:
         """Append one block, or its rows ``span``, in Pid order; returns the number of rows written so far."""
@@ -405,7 +498,15 @@ class DatasetWriter:
         for sink in self.sinks:
             sink.append(block)
         self.next_pid += len(pids)
+        if time.monotonic() - self._checkpointed >= CHECKPOINT_S:
+            self.checkpoint()
         return self.next_pid - 1
+
+    def checkpoint(self) -> None:
+        """Make every file's SIDs so far safe on disk, so that an interrupted run resumes from here."""
+        for sink in self.sinks:
+            sink.checkpoint()
+        self._checkpointed = time.monotonic()
 
     def finish(self) -> list[Published | Refused]:
         """Validate every file, rename it and its exports into place and update the manifest; one result per model
@@ -455,6 +556,7 @@ class DatasetWriter:
                 **vars(sink.target.provenance),
             )
             manifest.entries[entry.file] = entry
+            remove_resume_state(sink.final)
             results.append(Published(entry, str(sink.final)))
         manifest.write()
         return results
@@ -473,10 +575,10 @@ class DatasetWriter:
             shutil.rmtree(self.root, ignore_errors=True)
         return oid
 
-    def abort(self) -> None:
-        """Drop every unpublished file."""
+    def abort(self, keep_resume: bool = False) -> None:
+        """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes."""
         for sink in self.sinks:
-            sink.discard()
+            sink.discard(keep_resume)
         if self.temporary and not self.published:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -526,8 +628,8 @@ class FinalWriter:
     def upload(self, repo: str, message: str, retries: int, backoff_s: float) -> str:
         return self._writers[repo].upload(message, retries, backoff_s)
 
-    def abort(self, repo: str) -> None:
+    def abort(self, repo: str, keep_resume: bool = False) -> None:
         writer = self._writers.get(repo)
         if writer is not None:
             with self._locks[repo]:
-                writer.abort()
+                writer.abort(keep_resume)

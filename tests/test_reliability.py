@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -441,3 +442,50 @@ def test_each_format_has_its_own_manifest_entry_and_changed_options_replace_the_
     entries = json.loads((folder / "rqvae_ray-manifest.json").read_text())["files"]
     assert entries[csv_name]["dedup"] is True and entries[parquet_name] == parquet_before
     assert any(len(json.loads(line.split('"')[1])) == 4 for line in (folder / csv_name).read_text().splitlines()[1:])
+
+
+def test_a_killed_run_resumes_where_it_stopped_to_the_same_bytes(demo_hub, local_ray, tmp_path):
+    models = DEFAULT_MODELS[8:10]  # two TKY models
+    output = OutputSpec(OutputFormat.PARQUET, dedup=True, sid_tokens=True)
+    reference = tmp_path / "reference"
+    results = run_models(
+        parse_model_ids(models), RunOptions(hub=LocalHub(demo_hub), out_dir=str(reference), output=output), Quiet()
+    )
+    assert all(r.ok for r in results), [r.error for r in results]
+    out = tmp_path / "out"
+    args = [
+        *models,
+        "--hub-dir",
+        str(demo_hub),
+        "--out-dir",
+        str(out),
+        "--format",
+        "parquet",
+        "--dedup",
+        "--sid-tokens",
+    ]
+    proc = _start_cli([*args, "--batch-size", "16"])
+    written = 0
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:
+            found = re.search(r"comp5331poi/tky: (\d+)/7900 POIs written", line)
+            if (found and int(found.group(1)) > 0) or time.monotonic() > deadline:
+                written = int(found.group(1)) if found else 0
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, at once: no clean-up of any kind
+        proc.communicate(timeout=60)
+    assert 0 < written < 7900, "the run was not caught in the middle"
+    again = run_cli(*args)  # another batch size: the blocks differ, the bytes must not
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = re.search(r"resuming an interrupted run: (\d+) POIs kept", again.stdout)
+    assert resumed and 0 < int(resumed.group(1)) < 7900, again.stdout[-2000:]
+    for spec in parse_model_ids(models):
+        name = codebooks_filename(spec.name, OutputFormat.PARQUET)
+        got, want = (
+            output_dir(out, spec.dataset_repo, "LLM Dataset"),
+            output_dir(reference, spec.dataset_repo, "LLM Dataset"),
+        )
+        assert (got / name).read_bytes() == (want / name).read_bytes()
+        assert sorted(p.name for p in got.iterdir() if p.name.startswith(".")) == []  # no resume state, no partial

@@ -3,6 +3,7 @@ rule, validation, and nothing partial left behind."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rqvae_ray.errors import OutputError
 from rqvae_ray.existing_rows import ExistingRows
 from rqvae_ray.features import sparse_table
 from rqvae_ray.formatting import CSV_HEADER, CSV_HEADER_WITH_SID, csv_lines, csv_parts, string_bytes
-from rqvae_ray.outputs import MANIFEST_FILE, ExtendedFile, Manifest, Provenance, output_dir
+from rqvae_ray.outputs import MANIFEST_FILE, ExtendedFile, Manifest, Provenance, ResumeState, output_dir
 from rqvae_ray.readers import read_codebooks
 from rqvae_ray.sid_stats import SidCounter, pack_codes
 from rqvae_ray.writer import DatasetWriter, FinalWriter, ModelTarget, Refused
@@ -302,3 +303,66 @@ def test_an_existing_file_that_ends_early_is_an_output_error(tmp_path):
     with pytest.raises(OutputError, match="ends after 100 rows, before the 150 to keep; use --force"):
         writer.finish()
     assert list(_folder(tmp_path / "next").iterdir()) == []
+
+
+def _resumable_targets(fmt: OutputFormat, resume_rows: int = 0) -> list[ModelTarget]:
+    return [
+        dataclasses.replace(
+            t, codebooks=MODELS[t.slot][1].codebooks, resume_key=f"key-{t.slot}", resume_rows=resume_rows
+        )
+        for t in _targets(fmt)
+    ]
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.CSV, OutputFormat.PARQUET])
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
+def test_an_interrupted_file_resumes_to_the_same_bytes(tmp_path, fmt, dedup):
+    spec = OutputSpec(fmt, dedup=dedup, sid_tokens=True)
+    blocks = _encode(_blocks([70, 30, 50, 90]), spec, packed=True)
+    reference = _write(tmp_path / "whole", blocks, spec).finish()
+    out = tmp_path / "interrupted"
+    first = DatasetWriter(REPO, _resumable_targets(fmt), str(out), "LLM Dataset", spec, N)
+    for block in blocks[:2]:
+        first.write(block)
+    first.checkpoint()  # 100 rows safe on disk ...
+    first.write(blocks[2])  # ... and 50 more that are not, when the process is killed
+    states = [ResumeState.read(_folder(out) / t.filename) for t in _targets(fmt)]
+    assert [(s.key, s.rows) for s in states] == [("key-0", 100), ("key-1", 100)]
+    del first  # killed: no finish, no abort
+    second = DatasetWriter(REPO, _resumable_targets(fmt, 100), str(out), "LLM Dataset", spec, N, first_pid=101)
+    for block in _encode(_blocks([100, 50, 90]), spec, packed=True)[1:]:
+        second.write(block)
+    for want, got in zip(reference, second.finish(), strict=True):
+        assert (_folder(out) / got.entry.file).read_bytes() == (
+            _folder(tmp_path / "whole") / want.entry.file
+        ).read_bytes()
+        assert got.entry.sha256 == want.entry.sha256 and got.entry.sid_stats == want.entry.sid_stats
+    published = sorted(p.name for p in _folder(out).iterdir() if not p.name.endswith(".partial"))
+    assert published == sorted(p.name for p in _folder(tmp_path / "whole").iterdir())  # no resume state left
+
+
+def test_an_interruption_keeps_the_resume_state_and_a_failure_drops_it(tmp_path):
+    spec = OutputSpec()
+    blocks = _encode(_blocks([100, 140]), spec, packed=True)
+    for keep in (True, False):
+        out = tmp_path / str(keep)
+        writer = DatasetWriter(REPO, _resumable_targets(OutputFormat.CSV), str(out), "LLM Dataset", spec, N)
+        writer.write(blocks[0])
+        writer.abort(keep_resume=keep)
+        names = sorted(p.name for p in _folder(out).iterdir())
+        if keep:  # Ctrl-C: exactly where it stopped, and no partial output
+            assert names == sorted(
+                f".{t.filename}{end}" for t in _targets(OutputFormat.CSV) for end in (".resume", ".resume.json")
+            )
+            assert ResumeState.read(_folder(out) / _targets(OutputFormat.CSV)[0].filename).rows == 100
+        else:
+            assert names == []
+
+
+def test_parquet_bytes_do_not_depend_on_blocks_or_plan(tmp_path):
+    spec = OutputSpec(OutputFormat.PARQUET, sid_tokens=True)
+    files = []
+    for name, sizes, packed in (("one", [N], True), ("many", [1, 7, 64, 168], True), ("chained", [100, 140], False)):
+        published = _write(tmp_path / name, _encode(_blocks(sizes), spec, packed), spec).finish()
+        files.append([(_folder(tmp_path / name) / p.entry.file).read_bytes() for p in published])
+    assert files[0] == files[1] == files[2]
