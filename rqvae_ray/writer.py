@@ -69,6 +69,8 @@ REPLAY_ROWS = 1 << 16  # rows rebuilt from a journal at a time
 # How often the writer makes its journals safe on disk: an interrupted run is resumed from the last checkpoint.
 CHECKPOINT_S = 2.0
 PARQUET_ROW_GROUP_ROWS = 1 << 16
+# How long the final writer's calls for a dataset wait for its files to be opened.
+OPEN_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -583,18 +585,42 @@ class DatasetWriter:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+class _Opening:
+    """One dataset in the :class:`FinalWriter`: its writer once opened (or why it could not be), and the blocks that
+    arrived before their predecessors."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.writer: DatasetWriter | None = None
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.early: dict[int, tuple[pa.Table, tuple[int, int] | None]] = {}
+        self.next = 0
+
+
 class FinalWriter:
     """The final Ray actor of a run: one :class:`DatasetWriter` per dataset, blocks applied in sequence order.
 
-    It runs threaded (one thread per dataset, so that datasets write side by side); the driver numbers each
-    dataset's blocks, and a block that arrives before its predecessor waits here until they are written.
+    It runs threaded (one thread per dataset, so that datasets write side by side), so calls may run in any order:
+    the driver numbers each dataset's blocks, a block that arrives before its predecessor waits here until they are
+    written, and every call waits for the dataset's ``open`` (which the driver does not wait for).
     """
 
     def __init__(self) -> None:
-        self._writers: dict[str, DatasetWriter] = {}
-        self._early: dict[str, dict[int, tuple[pa.Table, tuple[int, int] | None]]] = {}
-        self._next: dict[str, int] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._datasets: dict[str, _Opening] = {}
+        self._lock = threading.Lock()
+
+    def _dataset(self, repo: str) -> _Opening:
+        with self._lock:
+            return self._datasets.setdefault(repo, _Opening())
+
+    def _opened(self, repo: str) -> tuple[_Opening, DatasetWriter]:
+        dataset = self._dataset(repo)
+        if not dataset.opened.wait(OPEN_WAIT_S):
+            raise OutputError(f"{repo}: the output files were never opened")
+        if dataset.error is not None:
+            raise dataset.error
+        return dataset, dataset.writer
 
     def open(
         self,
@@ -606,30 +632,37 @@ class FinalWriter:
         num_pois: int,
         first_pid: int = 1,
     ) -> None:
-        self._writers[repo] = DatasetWriter(repo, targets, out_dir, base_folder, spec, num_pois, first_pid)
-        self._early[repo], self._next[repo], self._locks[repo] = {}, 0, threading.Lock()
+        dataset = self._dataset(repo)
+        try:
+            dataset.writer = DatasetWriter(repo, targets, out_dir, base_folder, spec, num_pois, first_pid)
+        except BaseException as exc:
+            dataset.error = exc
+            raise
+        finally:
+            dataset.opened.set()
 
     def write(self, repo: str, seq: int, block: pa.Table, span: tuple[int, int] | None) -> int:
         """Write block number ``seq`` of ``repo`` (and the ones it held back); returns the rows written so far."""
-        with self._locks[repo]:
-            writer, early = self._writers[repo], self._early[repo]
-            early[seq] = (block, span)
-            while self._next[repo] in early:
-                writer.write(*early.pop(self._next[repo]))
-                self._next[repo] += 1
+        dataset, writer = self._opened(repo)
+        with dataset.lock:
+            dataset.early[seq] = (block, span)
+            while dataset.next in dataset.early:
+                writer.write(*dataset.early.pop(dataset.next))
+                dataset.next += 1
             return writer.next_pid - 1
 
     def finish(self, repo: str) -> list[Published | Refused]:
-        with self._locks[repo]:
-            if self._early[repo]:
-                raise OutputError(f"{repo}: {len(self._early[repo])} block(s) never got their predecessors written")
-            return self._writers[repo].finish()
+        dataset, writer = self._opened(repo)
+        with dataset.lock:
+            if dataset.early:
+                raise OutputError(f"{repo}: {len(dataset.early)} block(s) never got their predecessors written")
+            return writer.finish()
 
     def upload(self, repo: str, message: str, retries: int, backoff_s: float) -> str:
-        return self._writers[repo].upload(message, retries, backoff_s)
+        return self._opened(repo)[1].upload(message, retries, backoff_s)
 
     def abort(self, repo: str, keep_resume: bool = False) -> None:
-        writer = self._writers.get(repo)
-        if writer is not None:
-            with self._locks[repo]:
-                writer.abort(keep_resume)
+        dataset = self._dataset(repo)
+        if dataset.opened.wait(OPEN_WAIT_S) and dataset.writer is not None:
+            with dataset.lock:
+                dataset.writer.abort(keep_resume)

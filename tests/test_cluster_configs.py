@@ -246,7 +246,9 @@ def test_rayjob_entrypoint_runs_all_default_models_to_the_hub(rayjob, parse_driv
     assert not params["model_ids"], "no MODEL_ID arguments: run all default models"
     assert params["out_dir"] is None and params["hub_dir"] is None and not params["demo"], "must upload to the Hub"
     # The default GPU share is sized from the GPUs present at start: 0 on a cluster scaled to zero.
-    assert params["gpus_per_model"], "pass --gpus-per-model > 0, or no GPU worker is ever requested"
+    assert params["gpus_per_actor"], (
+        "pass --gpus-per-actor (or --gpus-per-model) > 0, or no GPU worker is ever requested"
+    )
     assert params["address"] is None
 
 
@@ -389,7 +391,7 @@ def test_readme_driver_commands_are_valid(parse_driver_args):
     for argv in commands:
         params = parse_driver_args(argv)
         assert params["address"] is None, "inside a Ray job the driver must not be given --address"
-        assert params["gpus_per_model"] is not None, f"cluster examples must set --gpus-per-model: {argv}"
+        assert params["gpus_per_actor"] is not None, f"cluster examples must set --gpus-per-actor: {argv}"
         unknown = set(params["model_ids"] or ()) - set(DEFAULT_MODELS)
         assert not unknown, f"README uses model IDs that are not published models: {unknown}"
 

@@ -119,7 +119,7 @@ def test_pinned_revision_is_used_and_recorded(server, hub_env, demo_hub, demo_ru
         folder = out / "datasets" / "comp5331poi" / "nyc" / IN_REPO
         reference = local_out / "datasets" / "comp5331poi" / "nyc" / IN_REPO / source.csv_name
         assert (folder / spec.csv_name).read_bytes() == reference.read_bytes()
-        entry = json.loads((folder / "rqvae_ray-manifest.json").read_text())["models"][spec.model_id]
+        entry = json.loads((folder / "rqvae_ray-manifest.json").read_text())["files"][spec.csv_name]
         assert entry["checkpoint_revision"] == revision
         assert entry["features_revision"] == dataset_rev
     proc = run_cli(spec.model_id, "--out-dir", str(tmp_path / "x"), "--revision", "0" * 40, env=hub_env)

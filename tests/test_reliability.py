@@ -194,7 +194,8 @@ def test_up_to_date_outputs_are_skipped_and_force_redoes_them(bad_hub, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     path = next(out.rglob("codebooks-rqvae-nyc-ok.csv"))
     before, manifest = path.read_bytes(), json.loads(next(out.rglob("rqvae_ray-manifest.json")).read_text())
-    entry = manifest["models"]["good/rqvae-nyc-ok"]
+    entry = manifest["files"]["codebooks-rqvae-nyc-ok.csv"]
+    assert entry["model_id"] == "good/rqvae-nyc-ok"
     assert entry["rows"] == N and len(entry["sha256"]) == 64 and len(entry["checkpoint_sha256"]) == 64
     assert entry["features_sha256"] and entry["tool_version"] and entry["sid_stats"]["pois"] == N
     second = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out))
@@ -209,7 +210,8 @@ def test_up_to_date_outputs_are_skipped_and_force_redoes_them(bad_hub, tmp_path)
 
 
 def _visible_files(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".partial")]
+    """Published files: partial files and resume state are hidden (their names start with a dot)."""
+    return [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def _assert_complete(out: Path) -> None:
@@ -274,7 +276,7 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
     for spec in parse_model_ids(models):
         rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / spec.csv_name
         assert (out / rel).read_bytes() == (reference / rel).read_bytes()
-    assert not list(out.rglob("*.partial"))
+    assert not [p.name for p in out.rglob(".*") if p.is_file()], "the completed run left partial files or resume state"
 
 
 def _group_members(pgid: int) -> list:
