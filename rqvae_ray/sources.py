@@ -24,7 +24,9 @@ def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1):
     source = _PoiSource(features, block_rows, start_pid)
     # Parquet is read on the driver's node, where the files are (every Ray node carries its ID as a label).
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if features.shards else None
-    return ray.data.read_datasource(source, label_selector=here)
+    # As many blocks as read tasks: each task already yields batch-size blocks, which Ray Data would otherwise split
+    # again to reach its default of 200 blocks (tiny blocks, each a task, a transfer and a write).
+    return ray.data.read_datasource(source, label_selector=here, override_num_blocks=source.task_count())
 
 
 def _memory_blocks(rows: SparseRows, before: int, block_rows: int) -> Iterator[pa.Table]:
@@ -65,6 +67,9 @@ class _PoiSource(Datasource):
         self.features = features
         self.block_rows = block_rows
         self.start = start_pid - 1  # rows before this one are not read
+
+    def task_count(self) -> int:
+        return sum(1 for _ in self._pieces())
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
