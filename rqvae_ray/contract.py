@@ -86,7 +86,9 @@ class EncodedColumns:
     ``sid`` is always there (one int64 per row that identifies its SID, see :func:`rqvae_ray.sid_stats.pack_codes`),
     and ``seconds`` (whose sum over a file is the time its model spent encoding, over all actors).
     CSV without dedup has finished ``lines``; CSV with dedup has the ``head`` and ``tail`` around the place of the
-    dedup code (and the ``tokens`` field); Parquet has ``codebook`` and ``vector`` (and the ``tokens`` string).
+    dedup code (and the ``tokens`` field); Parquet has only the ``tokens`` string when asked for: the writer builds
+    the Codebook and Vector columns from the codes (the Vector is the sum of the codewords, a function of the codes),
+    so that the encoder actors ship 8 bytes per row and model rather than ~290.
     """
 
     sid: pa.Array
@@ -95,8 +97,6 @@ class EncodedColumns:
     head: pa.Array | None = None
     tail: pa.Array | None = None
     tokens: pa.Array | None = None
-    codebook: pa.Array | None = None
-    vector: pa.Array | None = None
 
 
 _PARTS = tuple(part.name for part in fields(EncodedColumns))

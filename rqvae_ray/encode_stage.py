@@ -16,7 +16,7 @@ from rqvae_ray.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSp
 from rqvae_ray.encoder import Encoder, SparseRows, make_encoder
 from rqvae_ray.errors import DatasetError, InputDimensionError
 from rqvae_ray.features import rows_from_table
-from rqvae_ray.formatting import SidText, arrow_columns, csv_lines, sid_tokens
+from rqvae_ray.formatting import SidText, csv_lines, sid_tokens
 from rqvae_ray.sid_stats import pack_codes
 
 INPUT_COLUMNS = ("indices", "values", "features")
@@ -33,15 +33,15 @@ class _Model:
 
     def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
         started = time.perf_counter()
-        codes, vectors = self.encoder.encode(rows)
+        codes, _vectors = self.encoder.encode(rows)
         packed = pack_codes(codes, self.encoder.weights.codebook_sizes)
-        encoded = encoded_columns(pids, codes, vectors, packed, spec, self.text)
+        encoded = encoded_columns(pids, codes, packed, spec, self.text)
         share = (time.perf_counter() - started) / max(len(pids), 1)
         return dataclasses.replace(encoded, seconds=pa.array(np.full(len(pids), share)))
 
 
 def encoded_columns(
-    pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: SidText | None
+    pids: np.ndarray, codes: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: SidText | None
 ) -> EncodedColumns:
     """A model's output columns for rows of known codes (``text``: its per-SID CSV text cache, for CSV)."""
     sid = pa.array(packed)
@@ -50,9 +50,7 @@ def encoded_columns(
         if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
             return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
         return EncodedColumns(sid, lines=csv_lines(parts))
-    columns = arrow_columns(pids, codes, vectors)
-    tokens = sid_tokens(codes) if spec.sid_tokens else None
-    return EncodedColumns(sid, codebook=columns["Codebook"], vector=columns["Vector"], tokens=tokens)
+    return EncodedColumns(sid, tokens=sid_tokens(codes) if spec.sid_tokens else None)
 
 
 class EncodeModels:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
 
+BLOCK_BYTES = 4 << 20
+
 
 def start_ray(address: str | None) -> ClusterShape:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on loopback; returns what
@@ -56,6 +58,9 @@ def configure_data_context() -> None:
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # Blocks of about one batch's output: the writer gets rows as soon as a batch is encoded, rather than once Ray
+    # Data has gathered 128 MiB of them, and no process holds more than a few blocks of rows.
+    ctx.target_max_block_size = BLOCK_BYTES
     # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
     # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
     ctx.max_errored_blocks = 0

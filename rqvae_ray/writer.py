@@ -39,6 +39,7 @@ from rqvae_ray.formatting import (
     CSV_HEADER,
     CSV_HEADER_WITH_SID,
     SidText,
+    arrow_columns,
     csv_lines,
     string_bytes,
     with_dedup_codes,
@@ -179,7 +180,7 @@ class _Sink:
             packed = np.array(journal[start : start + REPLAY_ROWS], dtype=np.int64)
             codes = unpack_codes(packed, sizes).astype(np.int32)
             pids = np.arange(start + 1, start + 1 + len(packed), dtype=np.int64)
-            encoded = encoded_columns(pids, codes, vectors_of(codes), packed, self.spec, text)
+            encoded = encoded_columns(pids, codes, packed, self.spec, text)
             encoded = dataclasses.replace(encoded, seconds=pa.array(np.zeros(len(pids))))  # counted in the state
             self.append(self.slot.attach(pa.table({"Pid": pa.array(pids)}), encoded), journal=False)
         del journal
@@ -318,8 +319,9 @@ class _Sink:
 
     def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, extra: np.ndarray | None) -> None:
         levels = self.levels
+        parquet = self.spec.fmt is OutputFormat.PARQUET
+        codes = unpack_codes(encoded.sid.to_numpy(), self.target.codebook_sizes) if parquet or self.exports else None
         if self.exports is not None:
-            codes = unpack_codes(encoded.sid.to_numpy(), self.target.codebook_sizes)
             self.exports.add(pids.to_numpy(), codes if extra is None else np.column_stack([codes, extra]))
         if self.spec.fmt is OutputFormat.CSV:
             if encoded.lines is not None:
@@ -332,10 +334,11 @@ class _Sink:
             }
             self._handle.write(string_bytes(csv_lines(parts, extra, levels)))
             return
+        built = arrow_columns(pids.to_numpy(), codes, codeword_sums(self.target.codebooks, codes))
         columns = {
             "Pid": pids,
-            "Codebook": encoded.codebook if extra is None else with_dedup_codes(encoded.codebook, extra),
-            "Vector": encoded.vector,
+            "Codebook": built["Codebook"] if extra is None else with_dedup_codes(built["Codebook"], extra),
+            "Vector": built["Vector"],
         }
         if self.spec.sid_tokens:
             tokens = _whole(encoded.tokens)

@@ -39,6 +39,7 @@ def _targets(fmt: OutputFormat) -> list[ModelTarget]:
             f"codebooks-{model_id.split('/')[1]}.{fmt.value}",
             w.codebook_sizes,
             Provenance("c", "r", "f", "r"),
+            codebooks=w.codebooks,
         )
         for slot, (model_id, w) in enumerate(MODELS)
     ]
