@@ -98,9 +98,9 @@ class LiveProgress(Progress):
         super().__init__(self.console.print)
         self._bars = RichProgress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
-            TextColumn("POIs x {task.fields[models]} models"),
+            TextColumn("POIs x {task.fields[models]}"),
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=self.console,
@@ -122,7 +122,7 @@ class LiveProgress(Progress):
 
     def rows_written(self, repo: str, rows: int, pois: int, models: int) -> None:
         elapsed = max(time.monotonic() - self._started.get(repo, time.monotonic()), 1e-9)
-        self._bars.update(self._tasks[repo], completed=rows, rate=f"{rows * models / elapsed:,.0f} SID rows/s")
+        self._bars.update(self._tasks[repo], completed=rows, rate=f"{_compact(rows * models / elapsed)} SIDs/s")
 
     def dataset_finished(self, repo: str, pois: int, models: int) -> None:
         self.rows_written(repo, pois, pois, models)
@@ -132,6 +132,13 @@ class LiveProgress(Progress):
         with self._lock:
             if self._tasks:
                 self._bars.stop()
+
+
+def _compact(value: float) -> str:
+    """``value`` in at most 4 digits and a unit (``950``, ``12.3k``, ``4.1M``): the bar fits an 80-column terminal."""
+    unit, size = next(((u, s) for u, s in (("G", 1e9), ("M", 1e6), ("k", 1e3)) if value >= s), ("", 1.0))
+    number = value / size
+    return f"{number:.1f}{unit}" if unit and number < 100 else f"{number:.0f}{unit}"
 
 
 def make_progress(console: RunConsole, quiet: bool) -> Progress:

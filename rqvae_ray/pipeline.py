@@ -459,7 +459,7 @@ def _encode_and_write(
                 if cancel.is_set():
                     raise Cancelled(repo)
                 pending.append(writer.write.remote(repo, seq, ref, span))
-                if len(pending) > MAX_PENDING_WRITES:
+                while pending and (len(pending) > MAX_PENDING_WRITES or ray.wait(pending[:1], timeout=0)[0]):
                     progress.rows_written(repo, ray.get(pending.pop(0)), pois, models)
             ray.get(pending)
         finished = ray.get(writer.finish.remote(repo))

@@ -18,17 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from rqvae_ray.contract import OutputFormat, OutputSpec
 from rqvae_ray.demo import fit_checkpoint, nyc_features, tky_features, write_dataset
+from rqvae_ray.encoder import SparseRows
+from rqvae_ray.features import sparse_table
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
 from rqvae_ray.options import RunOptions
-from rqvae_ray.outputs import codebooks_filename, output_dir
+from rqvae_ray.outputs import ResumeState, codebooks_filename, output_dir
 from rqvae_ray.pipeline import run_models
 from rqvae_ray.progress import Progress, Quiet
-from rqvae_ray.stores import LocalHub
+from rqvae_ray.stores import CHECKPOINT_FILE, FEATURES_FILE, METADATA_FILE, PID_MAPPING_FILE, LocalHub
 from tests.conftest import REPO, run_cli
 
 N = 300
@@ -204,8 +207,11 @@ def test_up_to_date_outputs_are_skipped_and_force_redoes_them(bad_hub, tmp_path)
     third = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out))
     assert third.returncode == 0 and "up to date" not in third.stdout
     assert path.read_bytes() == before
-    forced = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out), "--force")
+    forced = run_cli("good/rqvae-nyc-ok", "--hub-dir", str(bad_hub), "--out-dir", str(out), "--force", "--quiet")
     assert forced.returncode == 0 and "up to date" not in forced.stdout
+    # --quiet: the final table and the count, no notes and no progress.
+    assert "POIs x 1407 features" not in forced.stdout and "POIs written" not in forced.stdout
+    assert "good/rqvae-nyc-ok" in forced.stdout and "1 of 1 models succeeded" in forced.stdout
     assert path.read_bytes() == before
 
 
@@ -446,43 +452,63 @@ def test_each_format_has_its_own_manifest_entry_and_changed_options_replace_the_
     assert any(len(json.loads(line.split('"')[1])) == 4 for line in (folder / csv_name).read_text().splitlines()[1:])
 
 
+def _tiled_tky_hub(demo_hub: Path, root: Path, models: list[str], copies: int) -> Path:
+    """The demo TKY dataset ``copies`` times over (Pid k + 7900 j has Pid k's features), as sparse Parquet shards of
+    7,900 rows, with the demo checkpoints of ``models``: long enough a run to be caught in the middle on any machine."""
+    for spec in parse_model_ids(models):
+        target = root / "models" / spec.org / spec.name / CHECKPOINT_FILE
+        target.parent.mkdir(parents=True)
+        shutil.copy(demo_hub / "models" / spec.org / spec.name / CHECKPOINT_FILE, target)
+    source, base = demo_hub / "datasets" / "comp5331poi" / "tky", root / "datasets" / "comp5331poi" / "tky"
+    shutil.copytree(source, base, ignore=shutil.ignore_patterns(Path(FEATURES_FILE).name))
+    rows = SparseRows.from_dense(torch.load(source / FEATURES_FILE, weights_only=True).numpy())
+    n = rows.num_rows * copies
+    metadata = json.loads((base / METADATA_FILE).read_text())
+    (base / METADATA_FILE).write_text(json.dumps({**metadata, "num_pois": n}))
+    with (base / PID_MAPPING_FILE).open("w", newline="") as handle:
+        csv.writer(handle).writerows([("Original_Pid", "Mapped_Pid"), *((f"v{pid}", pid) for pid in range(1, n + 1))])
+    shards = base / "RQVAE Dataset" / "poi_features"
+    shards.mkdir()
+    for copy in range(copies):
+        table = sparse_table(rows, first_pid=copy * rows.num_rows + 1)
+        pq.write_table(table, shards / f"part-{copy:05d}.parquet")
+    return root
+
+
 def test_a_killed_run_resumes_where_it_stopped_to_the_same_bytes(demo_hub, local_ray, tmp_path):
     models = DEFAULT_MODELS[8:10]  # two TKY models
+    hub = _tiled_tky_hub(demo_hub, tmp_path / "hub", models, copies=8)
+    pois = 8 * 7900
     output = OutputSpec(OutputFormat.PARQUET, dedup=True, sid_tokens=True)
     reference = tmp_path / "reference"
     results = run_models(
-        parse_model_ids(models), RunOptions(hub=LocalHub(demo_hub), out_dir=str(reference), output=output), Quiet()
+        parse_model_ids(models), RunOptions(hub=LocalHub(hub), out_dir=str(reference), output=output), Quiet()
     )
     assert all(r.ok for r in results), [r.error for r in results]
     out = tmp_path / "out"
-    args = [
-        *models,
-        "--hub-dir",
-        str(demo_hub),
-        "--out-dir",
-        str(out),
-        "--format",
-        "parquet",
-        "--dedup",
-        "--sid-tokens",
+    args = [*models, "--hub-dir", str(hub), "--out-dir", str(out), "--format", "parquet", "--dedup", "--sid-tokens"]
+    finals = [
+        output_dir(out, spec.dataset_repo, "LLM Dataset") / codebooks_filename(spec.name, OutputFormat.PARQUET)
+        for spec in parse_model_ids(models)
     ]
     proc = _start_cli([*args, "--batch-size", "16"])
-    written = 0
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    kept = 0
     try:
         deadline = time.monotonic() + 300
-        for line in proc.stdout:
-            found = re.search(r"comp5331poi/tky: (\d+)/7900 POIs written", line)
-            if (found and int(found.group(1)) > 0) or time.monotonic() > deadline:
-                written = int(found.group(1)) if found else 0
-                break
+        while proc.poll() is None and time.monotonic() < deadline and not kept:
+            time.sleep(0.2)
+            states = [ResumeState.read(final) for final in finals]
+            kept = min((s.rows for s in states if s is not None), default=0) if all(states) else 0
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, at once: no clean-up of any kind
-        proc.communicate(timeout=60)
-    assert 0 < written < 7900, "the run was not caught in the middle"
+        proc.wait(timeout=60)
+    assert 0 < kept < pois, f"the run was not caught in the middle: {''.join(lines)[-2000:]}"
     again = run_cli(*args)  # another batch size: the blocks differ, the bytes must not
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = re.search(r"resuming an interrupted run: (\d+) POIs kept", again.stdout)
-    assert resumed and 0 < int(resumed.group(1)) < 7900, again.stdout[-2000:]
+    assert resumed and kept <= int(resumed.group(1)) < pois, again.stdout[-2000:]
     for spec in parse_model_ids(models):
         name = codebooks_filename(spec.name, OutputFormat.PARQUET)
         got, want = (
