@@ -15,6 +15,7 @@ import typer
 from rqvae_ray.console import LOG_DIR, LiveProgress, RunConsole, make_progress, new_log_path
 from rqvae_ray.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.errors import OutputError, RayConnectionLost, RqvaeRayError, reason_of
+from rqvae_ray.flags import HelpFlag, flag
 from rqvae_ray.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
@@ -26,20 +27,15 @@ from rqvae_ray.summary import table_text, write_summary_json
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
-# Positionals that are values, not model IDs: what `--force true` leaves behind.
 # How long a finished run waits for Ray to shut down (it runs while the quality report is drawn).
 RAY_STOP_WAIT_S = 15.0
+# Positionals that are values, not model IDs: what `--force true` leaves behind.
 FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 app = typer.Typer(add_completion=False, help="Turn POI features into semantic IDs with RQ-VAE models on Ray.")
 
 
-def _flag(name: str, help: str):  # noqa: A002 - typer's own parameter name
-    """A boolean option shown as a plain flag (no value) in --help."""
-    return typer.Option(name, help=help, metavar="")
-
-
-@app.command()
+@app.command(add_help_option=False)
 def run(
     model_ids: Annotated[
         list[str] | None,
@@ -59,11 +55,11 @@ def run(
     out_dir: Annotated[
         Path | None, typer.Option(help="Write outputs under this directory (default: upload to the Hub).")
     ] = None,
-    upload: Annotated[bool, _flag("--upload", "Upload to the Hub even when --out-dir is given.")] = False,
+    upload: Annotated[bool, flag("--upload", "Upload to the Hub even when --out-dir is given.")] = False,
     dataset: Annotated[
         str | None, typer.Option(help="Only run the models of this dataset (a name such as nyc, or ORG/DATASET).")
     ] = None,
-    demo: Annotated[bool, _flag("--demo", f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")] = False,
+    demo: Annotated[bool, flag("--demo", f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
     dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
@@ -97,15 +93,15 @@ def run(
     ] = None,
     base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
     output_format: Annotated[OutputFormat, typer.Option("--format", help="Output file format.")] = OutputFormat.CSV,
-    force: Annotated[bool, _flag("--force", "Redo outputs that are already up to date.")] = False,
+    force: Annotated[bool, flag("--force", "Redo outputs that are already up to date.")] = False,
     dedup: Annotated[
-        bool, _flag("--dedup", "Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
+        bool, flag("--dedup", "Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
     ] = False,
     fixed_length: Annotated[
-        bool, _flag("--fixed-length", "With --dedup: give every POI the extra code (0 for a unique SID).")
+        bool, flag("--fixed-length", "With --dedup: give every POI the extra code (0 for a unique SID).")
     ] = False,
     sid_tokens: Annotated[
-        bool, _flag("--sid-tokens", "Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
+        bool, flag("--sid-tokens", "Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
     ] = False,
     export: Annotated[
         str | None,
@@ -118,7 +114,7 @@ def run(
     ] = None,
     keep_existing: Annotated[
         bool,
-        _flag(
+        flag(
             "--keep-existing",
             "Keep every POI of the published codebooks file with its codes; encode only the POIs added after it.",
         ),
@@ -130,7 +126,7 @@ def run(
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
     ] = None,
-    quiet: Annotated[bool, _flag("--quiet", "Print only the final table and errors.")] = False,
+    quiet: Annotated[bool, flag("--quiet", "Print only the final table and errors.")] = False,
     summary_json: Annotated[
         Path | None, typer.Option(help="Also write the final table, quality figures and exit reason as JSON here.")
     ] = None,
@@ -138,7 +134,8 @@ def run(
         Path | None,
         typer.Option(help=f"Where Ray's own output goes (default: a new file in {LOG_DIR}); the summary names it."),
     ] = None,
-    debug: Annotated[bool, _flag("--debug", "Show Ray's output on the console, and tracebacks.")] = False,
+    debug: Annotated[bool, flag("--debug", "Show Ray's output on the console, and tracebacks.")] = False,
+    _help: HelpFlag = False,
 ) -> None:
     """Encode every POI of each model's dataset and write one codebooks file per model."""
     console = RunConsole(None if debug else (log_file or new_log_path()))

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rqvae_ray.errors import CodebooksFileError, CodebooksMismatchError, RqvaeRayError
+from rqvae_ray.flags import HelpFlag, flag
 from rqvae_ray.readers import iter_codebooks
 from rqvae_ray.sid_stats import pack_codes
 
@@ -339,11 +340,12 @@ def _print(diff: SidDiff) -> None:
 app = typer.Typer(add_completion=False, help="Compare the SIDs of two codebooks files of the same POIs.")
 
 
-@app.command()
+@app.command(add_help_option=False)
 def diff(
     a: Annotated[Path, typer.Argument(help="First codebooks file (CSV or Parquet).")],
     b: Annotated[Path, typer.Argument(help="Second codebooks file (CSV or Parquet).")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    json_output: Annotated[bool, flag("--json", "Print one JSON object instead of tables.")] = False,
+    _help: HelpFlag = False,
 ) -> None:
     """How the SIDs of two codebooks files of the same POIs differ, level by level and by collision group."""
     try:

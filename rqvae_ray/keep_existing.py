@@ -58,15 +58,7 @@ def kept_entry(published: PublishedFile, spec: OutputSpec, provenance: Provenanc
             f"{provenance.checkpoint_sha256[:12]})",
             "use the checkpoint it was made with, or --force to redo it with this one",
         )
-    options = [
-        f"{flag} {'on' if had else 'off'}"
-        for flag, had, wanted in (
-            ("--dedup", entry.dedup, spec.dedup),
-            ("--fixed-length", entry.fixed_length, spec.fixed_length),
-            ("--sid-tokens", entry.sid_tokens, spec.sid_tokens),
-        )
-        if had != wanted
-    ]
+    options = [f"{flag} {'on' if had else 'off'}" for flag, had in entry.changed_options(spec)]
     if options:
         raise refuse(f"it was written with {', '.join(options)}", "run with its options, or --force")
     if sha256_files([path]) != entry.sha256:

@@ -260,20 +260,21 @@ class ManifestEntry:
         except TypeError:
             return None
 
+    def changed_options(self, spec: OutputSpec) -> list[tuple[str, bool]]:
+        """The options that change a file's content and that ``spec`` sets otherwise: (flag, on in this file)."""
+        options = (
+            ("--dedup", self.dedup, spec.dedup),
+            ("--fixed-length", self.fixed_length, spec.fixed_length),
+            ("--sid-tokens", self.sid_tokens, spec.sid_tokens),
+        )
+        return [(flag, had) for flag, had, wanted in options if had != wanted]
+
     def matches(self, spec: OutputSpec, provenance: Provenance) -> str:
         """Why this file does not hold what ``spec`` and ``provenance`` ask for; "" when it does."""
         changed = [name for name, value in asdict(provenance).items() if getattr(self, name) != value]
         if changed:
             return "its inputs changed (" + ", ".join(sorted(changed)) + ")"
-        options = [
-            f"{flag} {'on' if wanted else 'off'}"
-            for flag, had, wanted in (
-                ("--dedup", self.dedup, spec.dedup),
-                ("--fixed-length", self.fixed_length, spec.fixed_length),
-                ("--sid-tokens", self.sid_tokens, spec.sid_tokens),
-            )
-            if had != wanted
-        ]
+        options = [f"{flag} {'off' if had else 'on'}" for flag, had in self.changed_options(spec)]
         if options:
             return "it was written with other options (now " + ", ".join(options) + ")"
         wanted_exports = [export.value for export in spec.exported]
@@ -296,10 +297,19 @@ class Manifest:
     @classmethod
     def read(cls, folder: Path, dataset: str) -> Manifest:
         """The manifest in ``folder``; empty when it is absent or unreadable (the outputs are then redone)."""
+        try:
+            data = (folder / MANIFEST_FILE).read_bytes()
+        except OSError:
+            data = None
+        return cls.parse(folder, dataset, data)
+
+    @classmethod
+    def parse(cls, folder: Path, dataset: str, data: bytes | None) -> Manifest:
+        """The manifest held in ``data`` (a manifest file's bytes); empty when None or unreadable."""
         manifest = cls(folder, dataset)
         try:
-            document = json.loads((folder / MANIFEST_FILE).read_text())
-        except (OSError, ValueError):
+            document = json.loads(data) if data is not None else None
+        except ValueError:
             return manifest
         if not isinstance(document, dict):
             return manifest
@@ -311,14 +321,17 @@ class Manifest:
                 manifest.entries[entry.file] = entry
         return manifest
 
-    def write(self) -> Path:
-        """Write the manifest atomically."""
+    def to_bytes(self) -> bytes:
         document = {
             "tool": "rqvae_ray",
             "dataset": self.dataset,
             "files": {name: asdict(entry) for name, entry in sorted(self.entries.items())},
         }
-        data = json.dumps(document, indent=2, sort_keys=True).encode()
+        return json.dumps(document, indent=2, sort_keys=True).encode()
+
+    def write(self) -> Path:
+        """Write the manifest atomically."""
+        data = self.to_bytes()
         return atomic_write(self.folder / MANIFEST_FILE, lambda partial: partial.write_bytes(data))
 
 

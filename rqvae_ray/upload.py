@@ -7,10 +7,19 @@ one call is retried here (see :mod:`rqvae_ray.retry`). The token is never passed
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub.errors import HfHubHTTPError
 
 from rqvae_ray.errors import MissingTokenError, UploadError
 from rqvae_ray.retry import call_with_retries, describe_error
+
+# The Hub's answer to a commit whose parent_commit is no longer the branch head: another commit landed first.
+HEAD_MOVED = 412
+# Times a commit is made again on the new head after that.
+CONFLICT_ATTEMPTS = 5
 
 
 def require_token() -> None:
@@ -25,23 +34,76 @@ def require_token() -> None:
         )
 
 
+@dataclass(frozen=True)
+class ManifestUpdate:
+    """The manifest committed with the files: its path in the repo, and how the repo's current manifest (its bytes,
+    None when it has none) becomes the committed one."""
+
+    path_in_repo: str
+    update: Callable[[bytes | None], bytes]
+
+
 def commit_files(
-    repo_id: str, files: list[tuple[Path, str]], message: str, retries: int = 5, backoff_s: float = 1.0
+    repo_id: str,
+    files: list[tuple[Path, str]],
+    message: str,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    manifest: ManifestUpdate | None = None,
 ) -> str:
-    """Upload ``(local path, path in repo)`` pairs to dataset repo ``repo_id`` in one commit; returns its oid."""
+    """Upload ``(local path, path in repo)`` pairs to dataset repo ``repo_id`` in one commit; returns its oid.
+
+    With ``manifest`` the repo's manifest is read at the head of its branch and the commit is made on that head only
+    (``parent_commit``): when another commit lands in between, the manifest is read and updated again, so that no
+    run's entries are lost to another's.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
     operations = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in files]
     summary, _, description = message.partition("\n\n")
-    try:
+
+    def commit() -> str:
+        extra, parent = [], None
+        if manifest is not None:
+            parent = call_with_retries(lambda: api.repo_info(repo_id, repo_type="dataset").sha, retries, backoff_s)
+            current = call_with_retries(lambda: _read(api, repo_id, manifest.path_in_repo, parent), retries, backoff_s)
+            extra = [CommitOperationAdd(path_in_repo=manifest.path_in_repo, path_or_fileobj=manifest.update(current))]
         info = call_with_retries(
             lambda: api.create_commit(
-                repo_id, operations, commit_message=summary, commit_description=description, repo_type="dataset"
+                repo_id,
+                [*operations, *extra],
+                commit_message=summary,
+                commit_description=description,
+                repo_type="dataset",
+                parent_commit=parent,
             ),
             retries,
             backoff_s,
         )
+        return info.oid
+
+    attempts = 0
+    try:
+        while True:
+            try:
+                return commit()
+            except HfHubHTTPError as exc:
+                attempts += 1
+                moved = exc.response is not None and exc.response.status_code == HEAD_MOVED
+                if manifest is None or not moved or attempts >= CONFLICT_ATTEMPTS:
+                    raise
     except Exception as exc:  # noqa: BLE001 - any failure left after the retries is reported the same way
         raise UploadError(f"upload to dataset repo {repo_id} failed: {describe_error(exc)}", repo=repo_id) from None
-    return info.oid
+
+
+def _read(api, repo_id: str, path_in_repo: str, revision: str) -> bytes | None:
+    """A file of dataset repo ``repo_id`` at ``revision``; None when the repo has no such file."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(api.hf_hub_download(repo_id, path_in_repo, repo_type="dataset", revision=revision)).read_bytes()
+    except LocalEntryNotFoundError:
+        raise  # the Hub could not be reached: not "no manifest", which would drop the repo's entries
+    except EntryNotFoundError:
+        return None

@@ -484,6 +484,7 @@ class DatasetWriter:
             raise
         self.next_pid = first_pid
         self.published: list[Path] = []
+        self.published_entries: dict[str, ManifestEntry] = {}
         self._checkpointed = time.monotonic()
 
     def write(self, block: pa.Table, span: tuple[int, int] | None = None) -> int:
@@ -561,24 +562,34 @@ class DatasetWriter:
                 **vars(sink.target.provenance),
             )
             manifest.entries[entry.file] = entry
+            self.published_entries[entry.file] = entry
             remove_resume_state(sink.final)
             results.append(Published(entry, str(sink.final)))
         manifest.write()
         return results
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:
-        """Commit this run's files and the manifest to the dataset repo; returns the commit oid."""
-        from rqvae_ray.upload import commit_files
+        """Commit this run's files to the dataset repo, with the repo's manifest updated by their entries (the
+        repo's entries of other files stay, whatever this folder's manifest holds); returns the commit oid."""
+        from rqvae_ray.upload import ManifestUpdate, commit_files
 
         prefix = f"{self.base_folder}/Intermediate Files"
-        files = [(path, f"{prefix}/{path.name}") for path in [*self.published, self.folder / MANIFEST_FILE]]
+        files = [(path, f"{prefix}/{path.name}") for path in self.published]
+        manifest = ManifestUpdate(f"{prefix}/{MANIFEST_FILE}", self._repo_manifest)
         try:
-            oid = commit_files(self.repo, files, message, retries=retries, backoff_s=backoff_s)
+            oid = commit_files(self.repo, files, message, retries=retries, backoff_s=backoff_s, manifest=manifest)
         except UploadError as exc:
             raise UploadError(f"{exc}; the finished files are kept in {self.folder}", repo=self.repo) from None
         if self.temporary:
             shutil.rmtree(self.root, ignore_errors=True)
         return oid
+
+    def _repo_manifest(self, current: bytes | None) -> bytes:
+        """The repo's manifest after this run's commit: ``current`` (the repo's, None when it has none) with the
+        entries of this run's files."""
+        manifest = Manifest.parse(self.folder, self.repo, current)
+        manifest.entries.update(self.published_entries)
+        return manifest.to_bytes()
 
     def abort(self, keep_resume: bool = False) -> None:
         """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes."""

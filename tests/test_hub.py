@@ -73,6 +73,12 @@ def test_download_upload_offline_and_token_hygiene(server, hub_env, demo_run, tm
         assert stored.read_bytes() == local.read_bytes()
     assert server.head(SPECS[0].model_id) in commit.get("description", "")
     assert "uploaded" in proc.stdout
+    # Another upload-only run, another format: the repo's manifest keeps the CSVs' entries beside the Parquet one.
+    parquet = run_cli(MODELS[0], "--format", "parquet", env=hub_env)
+    assert parquet.returncode == 0, parquet.stdout[-2000:] + parquet.stderr[-2000:]
+    manifest = server.repo_dir("comp5331poi/nyc", "dataset") / IN_REPO / "rqvae_ray-manifest.json"
+    parquet_name = SPECS[0].csv_name.removesuffix(".csv") + ".parquet"
+    assert sorted(json.loads(manifest.read_text())["files"]) == sorted([s.csv_name for s in SPECS] + [parquet_name])
 
     # Offline, from the cache: same bytes written locally.
     offline_out = tmp_path / "offline"
@@ -96,7 +102,7 @@ def test_download_upload_offline_and_token_hygiene(server, hub_env, demo_run, tm
         server.root,
         offline_out,
         Path(hub_env["RAY_TMPDIR"]),
-        texts=(proc.stdout, proc.stderr, proc_off.stdout, proc_off.stderr, proc_miss.stdout, proc_miss.stderr),
+        texts=tuple(t for p in (proc, parquet, proc_off, proc_miss) for t in (p.stdout, p.stderr)),
     )
 
 

@@ -123,5 +123,10 @@ def test_check_existing_says_why_a_file_is_redone(tmp_path):
     other = replace(PROVENANCE, checkpoint_sha256="new")
     assert "checkpoint_sha256" in check_existing(tmp_path, path.name, spec, other, "org/nyc").stale
     assert "--dedup on" in check_existing(tmp_path, path.name, OutputSpec(dedup=True), PROVENANCE, "org/nyc").stale
+    tokens = _entry(path, dedup=True, sid_tokens=True)
+    assert tokens.changed_options(OutputSpec(dedup=True)) == [("--sid-tokens", True)]
+    assert tokens.changed_options(OutputSpec(fixed_length=True, dedup=True, sid_tokens=True)) == [
+        ("--fixed-length", False)
+    ]
     path.write_text("Pid,Codebook,Vector\n1")
     assert "sha256" in check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").stale

@@ -6,6 +6,8 @@ import ast
 import csv
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +45,12 @@ def test_cli_help():
     assert proc.returncode == 0
     for option in ("--hub-dir", "--out-dir", "--dataset", "--demo", "--batch-size", "--gpus-per-actor", "--pools"):
         assert option in proc.stdout
+    diff = subprocess.run(
+        [sys.executable, "-m", "rqvae_ray.diff", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert diff.returncode == 0 and "--json" in diff.stdout
+    for text in (proc.stdout, diff.stdout):  # flags, --help among them, are not shown as taking a value
+        assert "--help" in text and "<bool>" not in text
 
 
 def test_layout_header_order_and_floats(demo_run, demo_hub):

@@ -30,6 +30,7 @@ from rqvae_ray.stores import (
     HfHub,
     LocalHub,
 )
+from rqvae_ray.upload import ManifestUpdate, commit_files
 from tests.conftest import REPO
 from tests.hub_server import HubServer
 
@@ -339,6 +340,7 @@ _ENV_SCRIPT = """
 import json, sys
 from huggingface_hub import constants
 from rqvae_ray.model_ids import parse_model_id
+from rqvae_ray.upload import ManifestUpdate, commit_files
 from rqvae_ray.stores import HfHub
 
 hub = HfHub()
@@ -380,3 +382,25 @@ def test_hf_endpoint_hf_home_and_offline_environment(server: HubServer, tmp_path
     offline = run({"HF_HUB_OFFLINE": "1"})
     assert offline == {**online, "offline": True}
     assert len(server.requests) == served
+
+
+def test_a_commit_keeps_the_manifest_entries_of_a_commit_that_landed_first(hf: HubServer, tmp_path: Path) -> None:
+    """The manifest is read at the branch head and committed on that head only: another run's commit that lands in
+    between makes this one read and update the manifest again, so neither run's entries are lost."""
+    repo, manifest = f"{ORG}/nyc", "LLM Dataset/Intermediate Files/rqvae_ray-manifest.json"
+    local = tmp_path / "ours.csv"
+    local.write_text("Pid,Codebook,Vector\n")
+    seen: list[bytes | None] = []
+
+    def ours(current: bytes | None) -> bytes:
+        seen.append(current)
+        if len(seen) == 1:  # another run commits its manifest while this one prepares its commit
+            commit_files(repo, [], "another run", manifest=ManifestUpdate(manifest, lambda _: b'{"theirs": 1}'))
+        return json.dumps({**json.loads(current or b"{}"), "ours": 1}).encode()
+
+    oid = commit_files(
+        repo, [(local, "LLM Dataset/Intermediate Files/ours.csv")], "ours", manifest=ManifestUpdate(manifest, ours)
+    )
+    assert seen == [None, b'{"theirs": 1}']
+    assert oid == hf.head(repo, "dataset") and len(hf.history(repo, "dataset")) == 3
+    assert json.loads((hf.repo_dir(repo, "dataset") / manifest).read_bytes()) == {"theirs": 1, "ours": 1}
