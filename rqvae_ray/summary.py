@@ -25,7 +25,7 @@ COLUMNS = {
 }
 LEGEND = (
     "encode s: the time this model's encoder took, summed over its actors; dataset s: the wall time of the model's "
-    "whole dataset (loading, encoding all its models, writing, uploading)"
+    "whole dataset (loading, Ray start-up, encoding all its models, writing, uploading)"
 )
 
 
