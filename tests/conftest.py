@@ -30,6 +30,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path |
     )
 
 
+def use_hub(monkeypatch: pytest.MonkeyPatch, url: str, cache: Path, token: str) -> None:
+    """Point this process's huggingface_hub at the server at ``url``, with a cache of its own and ``token``
+    (``huggingface_hub`` reads HF_ENDPOINT and HF_HOME into its constants at import time)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", token)
+
+
 @pytest.fixture(scope="session")
 def demo_hub(tmp_path_factory) -> Path:
     """The demo hub (real NYC + TKY-shaped data, 10 published-layout checkpoints), built once per session."""

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from rqvae_ray.model_ids import DEFAULT_MODELS, parse_model_id
-from tests.conftest import REPO, run_cli
+from rqvae_ray.options import RunOptions
+from rqvae_ray.pipeline import run_models
+from rqvae_ray.progress import Quiet
+from rqvae_ray.stores import HfHub
+from tests.conftest import REPO, run_cli, use_hub
 from tests.hub_server import HubServer
 
 SENTINEL = "hf_SENTINEL0123456789abcdefSECRETtoken"
@@ -106,7 +110,9 @@ def test_download_upload_offline_and_token_hygiene(server, hub_env, demo_run, tm
     )
 
 
-def test_pinned_revision_is_used_and_recorded(server, hub_env, demo_hub, demo_run, tmp_path):
+def test_pinned_revision_is_used_and_recorded(server, demo_hub, demo_run, local_ray, tmp_path, monkeypatch):
+    # In-process (the driver alone reads the Hub when writing locally): this process's huggingface_hub at the server.
+    use_hub(monkeypatch, server.url, tmp_path / "hf_cache", SENTINEL)
     local_out, _ = demo_run
     spec = SPECS[0]
     first = server.head(spec.model_id)
@@ -116,20 +122,23 @@ def test_pinned_revision_is_used_and_recorded(server, hub_env, demo_hub, demo_ru
     latest = server.head(spec.model_id)
     assert latest != first
     dataset_rev = server.head("comp5331poi/nyc", "dataset")
-    expected = {first: SPECS[0], latest: SPECS[1]}
-    for revision, source in expected.items():
+
+    def run(revision: str, out: Path):
+        options = RunOptions(hub=HfHub(revision, dataset_rev), out_dir=str(out))
+        return run_models([spec], options, Quiet())[0]
+
+    for revision, source in {first: SPECS[0], latest: SPECS[1]}.items():
         out = tmp_path / revision
-        args = ["--out-dir", str(out), "--revision", revision, "--dataset-revision", dataset_rev]
-        proc = run_cli(spec.model_id, *args, env=hub_env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = run(revision, out)
+        assert result.ok, result.error
         folder = out / "datasets" / "comp5331poi" / "nyc" / IN_REPO
         reference = local_out / "datasets" / "comp5331poi" / "nyc" / IN_REPO / source.csv_name
         assert (folder / spec.csv_name).read_bytes() == reference.read_bytes()
         entry = json.loads((folder / "rqvae_ray-manifest.json").read_text())["files"][spec.csv_name]
         assert entry["checkpoint_revision"] == revision
         assert entry["features_revision"] == dataset_rev
-    proc = run_cli(spec.model_id, "--out-dir", str(tmp_path / "x"), "--revision", "0" * 40, env=hub_env)
-    assert proc.returncode == 1 and f"model repo {spec.model_id} has no revision" in proc.stderr
+    result = run("0" * 40, tmp_path / "x")
+    assert not result.ok and f"model repo {spec.model_id} has no revision" in result.error
 
 
 def test_transient_download_and_upload_errors_are_retried(server, hub_env, tmp_path):

@@ -31,7 +31,7 @@ from rqvae_ray.stores import (
     LocalHub,
 )
 from rqvae_ray.upload import ManifestUpdate, commit_files
-from tests.conftest import REPO
+from tests.conftest import REPO, use_hub
 from tests.hub_server import HubServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,13 +88,7 @@ def server(hub_root: Path, tmp_path: Path) -> Iterator[HubServer]:
 @pytest.fixture()
 def hf(server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
     """Point this process's huggingface_hub at ``server``, with an empty cache of its own and a sentinel token."""
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    use_hub(monkeypatch, server.url, tmp_path / "hf_cache", SENTINEL)
     return server
 
 
