@@ -21,14 +21,12 @@ from rqvae_ray.options import RunOptions, check_setup
 from rqvae_ray.pipeline import ModelResult, run_models
 from rqvae_ray.plan import PoolMode, PoolSizing
 from rqvae_ray.progress import Progress
-from rqvae_ray.ray_cluster import begin_stopping_ray, stop_ray
+from rqvae_ray.ray_cluster import RAY_STOP_WAIT_S, begin_stopping_ray, stop_ray
 from rqvae_ray.stores import HfHub, LocalHub
 from rqvae_ray.summary import table_text, write_summary_json
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
-# How long a finished run waits for Ray to shut down (it runs while the quality report is drawn).
-RAY_STOP_WAIT_S = 15.0
 # Positionals that are values, not model IDs: what `--force true` leaves behind.
 FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rqvae_ray.contract import OutputSpec
 from rqvae_ray.errors import OutputError
-from rqvae_ray.outputs import MANIFEST_FILE, Manifest, ManifestEntry, Provenance, sha256_files
+from rqvae_ray.outputs import MANIFEST_FILE, Manifest, ManifestEntry, Provenance, repo_folder, sha256_files
 from rqvae_ray.stores import HfHub, LocalHub
 
 
@@ -35,7 +35,7 @@ def find_published(
             return None
         return PublishedFile(path, Manifest.read(folder, repo).entries.get(filename))
     store = hub if isinstance(hub, HfHub) else HfHub()
-    found = store.published_output(repo, f"{base_folder}/Intermediate Files", filename, MANIFEST_FILE)
+    found = store.published_output(repo, repo_folder(base_folder), filename, MANIFEST_FILE)
     if found is None:
         return None
     path, manifest = found

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -31,7 +32,12 @@ PARTIAL_SUFFIX = ".partial"
 
 def output_dir(root: Path, repo: str, base_folder: str) -> Path:
     """``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files``."""
-    return root / "datasets" / repo / base_folder / "Intermediate Files"
+    return root / "datasets" / repo / repo_folder(base_folder)
+
+
+def repo_folder(base_folder: str) -> str:
+    """Where the outputs live inside a dataset repo: ``<base folder>/Intermediate Files``."""
+    return f"{base_folder}/Intermediate Files"
 
 
 def codebooks_filename(model_name: str, fmt: OutputFormat) -> str:
@@ -60,7 +66,7 @@ def partial_path(final: Path, kind: str = "") -> Path:
     The host and process id let a later run on this host tell a partial file whose writer died from one still being
     written (:func:`remove_stale_partials`).
     """
-    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tag = f"{owner_tag()}-{uuid.uuid4().hex[:12]}"
     return final.with_name(f".{final.name}{'.' + kind if kind else ''}.{tag}{PARTIAL_SUFFIX}")
 
 
@@ -69,18 +75,13 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    host = socket.gethostname()
+    # This host's partial files: the host name may hold dots and dashes, so it is matched, not split off.
+    ours = re.compile(rf"\..+\.{re.escape(socket.gethostname())}-(\d+)-[^.]+{re.escape(PARTIAL_SUFFIX)}")
     for path in folder.glob(f".*{PARTIAL_SUFFIX}"):
-        owner = path.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1].rsplit("-", 2)
-        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
-            continue
-        try:
-            os.kill(int(owner[1]), 0)
-        except ProcessLookupError:
+        match = ours.fullmatch(path.name)
+        if match and owner_gone(f"{socket.gethostname()}-{match.group(1)}"):
             path.unlink(missing_ok=True)
             removed.append(path)
-        except PermissionError:
-            continue
     return removed
 
 
@@ -100,10 +101,10 @@ class HashingFile(io.RawIOBase):
     """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
     closing it flushes and fsyncs."""
 
-    def __init__(self, path: Path, digest: hashlib._Hash | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__()
         self._file = path.open("wb")
-        self.digest = digest or hashlib.sha256()
+        self.digest = hashlib.sha256()
         self._position = 0
 
     def writable(self) -> bool:
@@ -160,17 +161,8 @@ class ResumeState:
 
     @property
     def owner_alive(self) -> bool:
-        """Whether the process that wrote it still runs (on this host; another host's is taken as alive)."""
-        host, _, pid = self.owner.rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit():
-            return True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        """Whether the process that wrote it may still run (another host's is taken as alive)."""
+        return not owner_gone(self.owner)
 
 
 def resume_key(model_id: str, filename: str, provenance: Provenance, spec: OutputSpec, num_pois: int) -> str:
@@ -182,7 +174,23 @@ def resume_key(model_id: str, filename: str, provenance: Provenance, spec: Outpu
 
 
 def owner_tag() -> str:
+    """``<host>-<pid>`` of this process: how partial files and resume state name their writer."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the writer ``owner`` (an :func:`owner_tag`) is known to have ended: it ran on this host and runs no
+    more. Another host's writer, or one this process may not signal, is taken as alive."""
+    host, _, pid = owner.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def remove_resume_state(final: Path) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
 
 BLOCK_BYTES = 4 << 20
+# How long a run waits for Ray to shut down before it exits anyway.
+RAY_STOP_WAIT_S = 15.0
 
 
 def start_ray(address: str | None) -> ClusterShape:
@@ -149,7 +151,7 @@ def begin_stopping_ray() -> threading.Event:
     return done
 
 
-def stop_ray(within_s: float = 15.0) -> None:
+def stop_ray(within_s: float = RAY_STOP_WAIT_S) -> None:
     """Shut Ray down, giving up after ``within_s`` seconds.
 
     Used when a run stops early (interrupted, or the cluster lost): other threads may still be inside Ray calls, and

@@ -203,11 +203,8 @@ class HfHub:
     def published_output(self, repo: str, folder: str, filename: str, manifest: str) -> tuple[Path, Path | None] | None:
         """Download ``folder/filename`` (a published output) and ``folder/manifest`` of dataset repo ``repo`` at the
         dataset revision; None when the repo has no such output file."""
-        try:
-            path = self._download(repo, f"{folder}/{filename}", "dataset")
-        except FileNotInRepoError:
-            return None
-        return path, self._optional(repo, f"{folder}/{manifest}")
+        path = self._optional(repo, f"{folder}/{filename}")
+        return None if path is None else (path, self._optional(repo, f"{folder}/{manifest}"))
 
     def _optional(self, repo: str, filename: str) -> Path | None:
         try:

@@ -60,6 +60,7 @@ from rqvae_ray.outputs import (
     partial_path,
     remove_resume_state,
     remove_stale_partials,
+    repo_folder,
     utc_now,
 )
 from rqvae_ray.sid_stats import SidCounter, pack_codes, unpack_codes
@@ -573,7 +574,7 @@ class DatasetWriter:
         repo's entries of other files stay, whatever this folder's manifest holds); returns the commit oid."""
         from rqvae_ray.upload import ManifestUpdate, commit_files
 
-        prefix = f"{self.base_folder}/Intermediate Files"
+        prefix = repo_folder(self.base_folder)
         files = [(path, f"{prefix}/{path.name}") for path in self.published]
         manifest = ManifestUpdate(f"{prefix}/{MANIFEST_FILE}", self._repo_manifest)
         try:

@@ -87,6 +87,16 @@ def test_stale_partials_of_dead_writers_are_removed_and_live_ones_kept(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, published))
 
 
+def test_stale_partials_are_found_on_a_host_whose_name_has_dots_and_dashes(tmp_path, monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "ip-10-0-0-1.ec2.internal")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = partial_path(tmp_path / "codebooks-a.csv", "spool")
+    stale = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{dead.stdout.strip()}-"))
+    for path in (live, stale):
+        path.write_text("x")
+    assert remove_stale_partials(tmp_path) == [stale] and live.exists()
+
+
 def test_manifest_round_trip_keyed_by_file(tmp_path):
     csv_file, parquet_file = tmp_path / "codebooks-m.csv", tmp_path / "codebooks-m.parquet"
     csv_file.write_text("a")
