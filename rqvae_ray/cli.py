@@ -183,10 +183,12 @@ def run(
         except RqvaeRayError as exc:
             console.error(str(exc))
             _finish(console, _Outcome(2, "setup error", invalid), summary_json)
-        threading.Thread(target=_import_plotting, daemon=True).start()
+        reports_to = report_dir or out_dir
+        if reports_to is not None:  # a PNG will be drawn
+            threading.Thread(target=_import_plotting, daemon=True).start()
         outcome = _execute(console, specs, invalid, options, progress, debug)
         stopping = begin_stopping_ray()
-        _report(console, outcome.results, report_dir or out_dir)
+        _report(console, outcome.results, reports_to)
         stopping.wait(RAY_STOP_WAIT_S)
         if console.log_path is not None:
             console.echo(f"Ray's own output of this run: {console.log_path}")

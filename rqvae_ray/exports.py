@@ -31,6 +31,9 @@ PREFIX_CHUNK = 65536
 class _Exported:
     """One exported file being written: its final name, partial name and hashing handle."""
 
+    # Whether it is made from the rows' codes as they arrive (else at close, from the SID counts alone).
+    TAKES_ROWS = False
+
     def __init__(self, export: Export, final: Path) -> None:
         self.export = export
         self.final = final
@@ -73,11 +76,15 @@ class _JsonMap(_Exported):
 
 
 class _IndexJson(_JsonMap):
+    TAKES_ROWS = True
+
     def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
         self.write_entries(index_json_entries(pids, codes))
 
 
 class _SidTensor(_Exported):
+    TAKES_ROWS = True
+
     def __init__(self, export: Export, final: Path, levels: int, num_pois: int) -> None:
         super().__init__(export, final)
         self.raw_path = partial_path(final, "raw")
@@ -168,6 +175,11 @@ class ModelExports:
         except BaseException:
             self.discard()
             raise
+
+    @property
+    def takes_rows(self) -> bool:
+        """Whether :meth:`add` is needed: some file is made from the rows' codes (not only from the SID counts)."""
+        return any(exported.TAKES_ROWS for exported in self.files)
 
     def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
         """The final codes of the next rows: ``[n, levels]``, -1 where a POI has no dedup code."""

@@ -14,7 +14,7 @@ import pyarrow as pa
 from ray.data import Datasource
 
 from rqvae_ray.encoder import SparseRows
-from rqvae_ray.features import PoiFeatures, sparse_table
+from rqvae_ray.features import PoiFeatures, row_slice, sparse_table
 
 
 def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1):
@@ -33,7 +33,7 @@ def _memory_blocks(rows: SparseRows, before: int, block_rows: int) -> Iterator[p
     """``rows`` (the dataset's rows after its first ``before``) as sparse tables of ``block_rows`` rows."""
     for first in range(0, rows.num_rows, block_rows):
         last = min(first + block_rows, rows.num_rows)
-        yield sparse_table(_slice_rows(rows, first, last), first_pid=before + first + 1)
+        yield sparse_table(row_slice(rows, first, last), first_pid=before + first + 1)
 
 
 def _shard_blocks(path: str, skip: int, block_rows: int) -> Iterator[pa.Table]:
@@ -69,7 +69,7 @@ class _PoiSource(Datasource):
         self.start = start_pid - 1  # rows before this one are not read
 
     def task_count(self) -> int:
-        return sum(1 for _ in self._pieces())
+        return sum(1 for _ in (self._shard_spans() if self.features.shards else self._memory_spans()))
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -86,25 +86,32 @@ class _PoiSource(Datasource):
 
     def _pieces(self):
         """(rows, read function) of each read task, in Pid order."""
-        block_rows, start = self.block_rows, self.start
+        block_rows = self.block_rows
         if not self.features.shards:
-            rows, total = self.features.rows, self.features.num_pois
-            span = block_rows * self.MEMORY_BLOCKS_PER_TASK
-            for first in range(start, total, span):
-                last = min(first + span, total)
-                part = _slice_rows(rows, first, last)
+            for first, last in self._memory_spans():
+                part = _task_rows(self.features.rows, first, last)
                 yield last - first, lambda p=part, f=first: _memory_blocks(p, f, block_rows)
             return
+        for path, skip, count in self._shard_spans():
+            yield count, lambda p=path, s=skip: _shard_blocks(p, s, block_rows)
+
+    def _memory_spans(self) -> Iterator[tuple[int, int]]:
+        """(first, last + 1) row of each read task of rows in memory."""
+        span, total = self.block_rows * self.MEMORY_BLOCKS_PER_TASK, self.features.num_pois
+        for first in range(self.start, total, span):
+            yield first, min(first + span, total)
+
+    def _shard_spans(self) -> Iterator[tuple[str, int, int]]:
+        """(path, rows skipped, rows read) of each shard read, from the first row needed."""
         ends = [*self.features.shard_first_pids[1:], self.features.num_pois + 1]
         for path, first_pid, end in zip(self.features.shards, self.features.shard_first_pids, ends, strict=True):
             first, count = first_pid - 1, end - first_pid
-            if first + count > start:
-                skip = max(0, start - first)
-                yield count - skip, lambda p=path, s=skip: _shard_blocks(p, s, block_rows)
+            if first + count > self.start:
+                skip = max(0, self.start - first)
+                yield path, skip, count - skip
 
 
-def _slice_rows(rows: SparseRows, first: int, last: int) -> SparseRows:
+def _task_rows(rows: SparseRows, first: int, last: int) -> SparseRows:
     """Rows ``first``..``last - 1`` on their own (copied, so that a read task carries only its rows)."""
-    lo, hi = rows.indptr[first], rows.indptr[last]
-    values = None if rows.values is None else rows.values[lo:hi].copy()
-    return SparseRows(rows.indptr[first : last + 1] - lo, rows.indices[lo:hi].copy(), values)
+    part = row_slice(rows, first, last)
+    return SparseRows(part.indptr, part.indices.copy(), None if part.values is None else part.values.copy())

@@ -136,6 +136,7 @@ class _Sink:
         self._spool_path = partial_path(final, "spool")
         self._existing = None
         self.exports = None
+        self._exports_rows = False
         self._journal = None
         self.journaled = 0
         # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
@@ -144,6 +145,7 @@ class _Sink:
             if target.resume_key:
                 self._open_journal()
             self.exports = ModelExports(final, spec, target.codebook_sizes, num_pois) if spec.exported else None
+            self._exports_rows = self.exports is not None and self.exports.takes_rows
             if target.existing is not None:
                 self._existing = ExistingReader(target.existing, spec.fmt is OutputFormat.CSV)
             if spec.fmt is OutputFormat.CSV:
@@ -278,7 +280,7 @@ class _Sink:
         self.counter.add(packed)
         if self.spec.dedup:
             self.counter.seed_codes(packed, codes[:, self.levels])
-        if self.exports is not None:
+        if self._exports_rows:
             self.exports.add(pids, codes)
         if self.spec.fmt is OutputFormat.CSV:
             self._existing.copy_lines(count, self._handle)
@@ -321,8 +323,9 @@ class _Sink:
     def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, extra: np.ndarray | None) -> None:
         levels = self.levels
         parquet = self.spec.fmt is OutputFormat.PARQUET
-        codes = unpack_codes(encoded.sid.to_numpy(), self.target.codebook_sizes) if parquet or self.exports else None
-        if self.exports is not None:
+        needed = parquet or self._exports_rows
+        codes = unpack_codes(encoded.sid.to_numpy(), self.target.codebook_sizes) if needed else None
+        if self._exports_rows:
             self.exports.add(pids.to_numpy(), codes if extra is None else np.column_stack([codes, extra]))
         if self.spec.fmt is OutputFormat.CSV:
             if encoded.lines is not None:
