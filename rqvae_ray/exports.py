@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rqvae_ray.contract import Export, OutputSpec
-from rqvae_ray.formatting import index_json_entries, int_strings, string_bytes
+from rqvae_ray.formatting import index_json_entries, int_strings, joined_rows, string_bytes
 from rqvae_ray.outputs import HashingFile, export_filename, partial_path
 from rqvae_ray.sid_stats import SidCounter, unpack_codes
 
@@ -122,16 +122,10 @@ class _Prefixes(_JsonMap):
         super().close(counter)
 
 
-def _joined(values: np.ndarray, separator: str) -> pa.Array:
-    """Each row of the 2-D integer array ``values`` as its decimals joined with ``separator``."""
-    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
-    return pc.binary_join(pa.ListArray.from_arrays(offsets, int_strings(values.ravel())), separator)
-
-
 def _lines(keys: np.ndarray, offsets: np.ndarray, children: np.ndarray) -> pa.Array:
     """``"k1,k2": [c1, c2, ...]`` for each key row and its slice ``offsets[i]:offsets[i+1]`` of ``children``."""
     listed = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), int_strings(children)), ", ")
-    return pc.binary_join_element_wise('"', _joined(keys, ","), '": [', listed, "]", "")
+    return pc.binary_join_element_wise('"', joined_rows(keys, int_strings, ","), '": [', listed, "]", "")
 
 
 def prefix_entries(counter: SidCounter, dedup: bool) -> Iterator[pa.Array]:

@@ -18,10 +18,12 @@ CSV_HEADER_WITH_SID = b"Pid,Codebook,Vector,SID\n"
 TOKEN_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def _joined_lists(flat: pa.Array, width: int) -> pa.Array:
-    """Join each run of ``width`` strings with ', '."""
-    offsets = pa.array(np.arange(0, len(flat) + 1, width, dtype=np.int32))
-    return pc.binary_join(pa.ListArray.from_arrays(offsets, flat), ", ")
+def joined_rows(values: np.ndarray, strings: Callable[[np.ndarray], pa.Array], separator: str = ", ") -> pa.Array:
+    """Each row of the 2-D array ``values`` as its ``strings`` (:func:`int_strings`, :func:`float_strings`) joined
+    with ``separator``; rows of no values give ``""``."""
+    flat = strings(values.ravel())
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
+    return pc.binary_join(pa.ListArray.from_arrays(offsets, flat), separator)
 
 
 def float_strings(values: np.ndarray) -> pa.Array:
@@ -69,7 +71,7 @@ def csv_parts(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray, tokens: 
 
 
 def _codes_text(codes: np.ndarray) -> pa.Array:
-    return _joined_lists(int_strings(codes), codes.shape[1])
+    return joined_rows(codes, int_strings)
 
 
 def _head(pids: np.ndarray, codes_text: pa.Array) -> pa.Array:
@@ -77,7 +79,7 @@ def _head(pids: np.ndarray, codes_text: pa.Array) -> pa.Array:
 
 
 def _tail(vectors: np.ndarray) -> pa.Array:
-    return pc.binary_join_element_wise(']","[', _joined_lists(float_strings(vectors), vectors.shape[1]), ']"', "")
+    return pc.binary_join_element_wise(']","[', joined_rows(vectors, float_strings), ']"', "")
 
 
 def _tokens_field(codes: np.ndarray) -> pa.Array:

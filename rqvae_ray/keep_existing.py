@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rqvae_ray.contract import OutputSpec
 from rqvae_ray.errors import OutputError
-from rqvae_ray.outputs import MANIFEST_FILE, Manifest, ManifestEntry, Provenance, repo_folder, sha256_files
+from rqvae_ray.outputs import DAMAGED, MANIFEST_FILE, Manifest, ManifestEntry, Provenance, intact, repo_folder
 from rqvae_ray.stores import HfHub, LocalHub
 
 
@@ -61,8 +61,8 @@ def kept_entry(published: PublishedFile, spec: OutputSpec, provenance: Provenanc
     options = [f"{flag} {'on' if had else 'off'}" for flag, had in entry.changed_options(spec)]
     if options:
         raise refuse(f"it was written with {', '.join(options)}", "run with its options, or --force")
-    if sha256_files([path]) != entry.sha256:
-        raise refuse("its bytes differ from the manifest's sha256 (damaged or edited)")
+    if not intact(path, entry):
+        raise refuse(DAMAGED)
     if entry.rows > num_pois:
         raise refuse(
             f"it holds {entry.rows} POIs but the dataset has only {num_pois}",

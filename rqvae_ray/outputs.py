@@ -343,6 +343,14 @@ class Manifest:
         return atomic_write(self.folder / MANIFEST_FILE, lambda partial: partial.write_bytes(data))
 
 
+DAMAGED = "its bytes differ from the manifest's sha256 (damaged or edited)"
+
+
+def intact(path: Path, entry: ManifestEntry) -> bool:
+    """Whether ``path`` holds the bytes that its manifest entry records."""
+    return sha256_files([path]) == entry.sha256
+
+
 @dataclass(frozen=True)
 class Existing:
     """What is already in the output folder for one model: ``entry`` when the file is up to date (skip it);
@@ -363,8 +371,8 @@ def check_existing(folder: Path, filename: str, spec: OutputSpec, provenance: Pr
     why = entry.matches(spec, provenance)
     if why:
         return Existing(stale=why)
-    if sha256_files([path]) != entry.sha256:
-        return Existing(stale="its bytes differ from the manifest's sha256 (damaged or edited)")
+    if not intact(path, entry):
+        return Existing(stale=DAMAGED)
     for record in entry.exports:
         exported = folder / record.file
         if not exported.is_file() or sha256_files([exported]) != record.sha256:

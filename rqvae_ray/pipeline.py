@@ -464,7 +464,7 @@ def _encode_and_write(
             ray.get(pending)
         finished = ray.get(writer.finish.remote(repo))
         progress.dataset_finished(repo, pois, models)
-        done = {f.entry.model_id for f in finished if isinstance(f, Published)}
+        done = {f.model_id for f in finished if isinstance(f, Published)}
         if options.upload and done:
             progress.note(f"{repo}: uploading the files of {len(done)} model(s) in one commit")
             message = _commit_message(features, [r for r in ready if r.spec.model_id in done])
@@ -478,7 +478,7 @@ def _encode_and_write(
             ray.get(writer.abort.remote(repo, _interrupted(exc)))
         except ray.exceptions.RayError:
             pass
-    by_model = {f.entry.model_id if isinstance(f, Published) else f.model_id: f for f in finished}
+    by_model = {f.model_id: f for f in finished}
     results = []
     for item in ready:
         result = ModelResult(item.spec.model_id, item.spec.dataset_repo, ok=not failure, error=failure)

@@ -100,6 +100,10 @@ class Published:
     entry: ManifestEntry
     path: str
 
+    @property
+    def model_id(self) -> str:
+        return self.entry.model_id
+
 
 @dataclass(frozen=True)
 class Refused:
