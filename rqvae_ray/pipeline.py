@@ -437,7 +437,7 @@ def _encode_and_write(
 ) -> list[ModelResult]:
     import ray
 
-    writer, cluster = started.writer, started.cluster
+    writer, cluster = started.writer, started.cluster.now()  # a dataset planned later sees nodes added since
     features, ready = loaded.features, loaded.ready
     repo, pois, models, first_pid = features.repo, features.num_pois, len(ready), loaded.first_pid
     targets = model_targets(loaded, options.output)

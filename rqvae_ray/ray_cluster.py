@@ -92,6 +92,11 @@ class ClusterShape:
         resources = ray.cluster_resources()
         return cls(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), private)
 
+    def now(self) -> ClusterShape:
+        """The shape at this moment: a private Ray's never changes; a joined cluster's is read again (an autoscaling
+        cluster grows while a run goes on)."""
+        return self if self.private else ClusterShape.current()
+
 
 def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float, cluster: ClusterShape) -> None:
     """Return once the cluster can hold ``actors`` encoder actors of this size at the same time.
