@@ -295,7 +295,7 @@ def _import_plotting() -> None:
 
 def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:
     """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
-    from rqvae_ray.report import draw_quality_png, quality_table, write_quality_json
+    from rqvae_ray.report import quality_table, write_quality_report
 
     reports = {r.model_id: r.quality for r in results if r.ok and r.quality}
     if not reports:
@@ -303,14 +303,12 @@ def _report(console: RunConsole, results: list[ModelResult], folder: Path | None
     console.echo("\nSID quality\n" + quality_table(reports))
     if folder is None:
         return
-    json_path, png_path = folder / "sid_quality.json", folder / "sid_quality.png"
     try:
-        merged = write_quality_json(json_path, reports)  # with the other models already reported in this folder
-        draw_quality_png(png_path, merged)
+        written = write_quality_report(folder, reports)  # with the other models already reported in this folder
     except RqvaeRayError as exc:
         console.error(f"warning: the quality report was not written ({exc})")
         return
-    console.echo(f"quality report: {json_path} and {png_path} ({len(merged)} models)")
+    console.echo(f"quality report: {written.json_path} and {written.png_path} ({len(written.models)} models)")
 
 
 def main() -> NoReturn:

@@ -1,5 +1,6 @@
 """Where outputs go and what is known about them: paths, file names, staged (partial) files, the manifest, and the
-up-to-date check; with the one sha256 helper, the hashing file and the one atomic write of the package.
+up-to-date check; with the one sha256 helper, the hashing file, the one atomic write of the package and the folder
+lock under which runs sharing a folder merge its manifest and report.
 
 Layout: ``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<model>.<csv|parquet>`` (and
 the files exported beside it, ``codebooks-<model>.<index.json|sids.pt|prefixes.json>``) beside
@@ -11,6 +12,7 @@ filesystem) and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -19,7 +21,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from rqvae_ray.contract import Export, OutputFormat, OutputSpec
 
 MANIFEST_FILE = "rqvae_ray-manifest.json"
 PARTIAL_SUFFIX = ".partial"
+JOURNAL_ROW_BYTES = 8  # one packed SID per row of a resume journal, a little-endian int64
 
 
 def output_dir(root: Path, repo: str, base_folder: str) -> Path:
@@ -97,6 +100,24 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while a file that several runs into it share (the manifest, the quality
+    report) is read, merged and written, so that runs finishing at the same time keep each other's entries.
+
+    The lock is taken on the directory itself, so no lock file appears among the outputs; it ends with the block or
+    with the process. Where the filesystem cannot lock a directory (some network filesystems), the block runs
+    unlocked.
+    """
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 class HashingFile(io.RawIOBase):
     """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
     closing it flushes and fsyncs."""
@@ -139,21 +160,36 @@ def resume_state_path(final: Path) -> Path:
 
 @dataclass(frozen=True)
 class ResumeState:
-    """How far an interrupted run got with one file: ``rows`` SIDs of its journal are on disk, made for ``key``
-    (the inputs and options, see :func:`resume_key`), by the process ``owner`` (``host-pid``)."""
+    """How far an interrupted run got with one file: ``rows`` SIDs of its journal (the file with inode
+    ``journal_inode``) are on disk, made for ``key`` (the inputs and options, see :func:`resume_key`), by the
+    process ``owner`` (``host-pid``)."""
 
     key: str
     rows: int
     encode_seconds: float
     owner: str
+    journal_inode: int
 
     @classmethod
     def read(cls, final: Path) -> ResumeState | None:
+        """The resume state of ``final``; None when there is none or it is unreadable, and when the journal at its
+        path is not the one the state was made with or holds fewer rows (a run writing the same file at the same
+        time replaced it, or it was cut): its rows would then not be the SIDs the state was made for."""
         try:
             data = json.loads(resume_state_path(final).read_text())
-            return cls(str(data["key"]), int(data["rows"]), float(data["encode_seconds"]), str(data["owner"]))
+            state = cls(
+                str(data["key"]),
+                int(data["rows"]),
+                float(data["encode_seconds"]),
+                str(data["owner"]),
+                int(data["journal_inode"]),
+            )
+            journal = journal_path(final).stat()
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if journal.st_ino != state.journal_inode or journal.st_size < state.rows * JOURNAL_ROW_BYTES:
+            return None
+        return state
 
     def write(self, final: Path) -> None:
         data = json.dumps(asdict(self)).encode()

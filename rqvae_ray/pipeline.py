@@ -294,7 +294,7 @@ def _resuming(ready: list[Ready], folder: Path, options: RunOptions, num_pois: i
         final = folder / codebooks_filename(r.spec.name, options.output.fmt)
         key = resume_key(r.spec.model_id, final.name, r.provenance, options.output, num_pois)
         state = ResumeState.read(final)
-        if state is not None and state.owner_alive:  # another run is writing this file: leave its state alone
+        if state is not None and state.owner_alive:  # another run is writing this file: not a state to resume
             states.append(None)
         elif state is not None and state.key == key and not options.force:
             states.append(state)

@@ -1,7 +1,8 @@
 """The SID quality report of a run: a JSON file, a plain-text table and one PNG, from per-model SID summaries.
 
 Each summary is what :meth:`rqvae_ray.sid_stats.SidCounter.summary` returns. The JSON file accumulates: a run adds
-its models to those already in the file (a shared report folder keeps every model's latest figures). Files are
+its models to those already in the file (a shared report folder keeps every model's latest figures, also when runs
+finish at the same time: :func:`write_quality_report` merges under the folder's lock). Files are
 written atomically (a temporary file beside the target, then ``os.replace``). matplotlib is imported only inside
 :func:`draw_quality_png` and drives its own Agg canvas (no pyplot state), so Ray actors never import it.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rqvae_ray import __version__
 from rqvae_ray.errors import ReportError
-from rqvae_ray.outputs import atomic_write
+from rqvae_ray.outputs import atomic_write, folder_lock
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -42,6 +44,29 @@ SUMMARY_KEYS = frozenset(
     | {"pois_sharing_prefix", "bucket_size_histogram"}
 )
 LEVEL_KEYS = frozenset({"codebook_size", "codewords_used", "perplexity", "usage"})
+JSON_FILE, PNG_FILE = "sid_quality.json", "sid_quality.png"
+
+
+@dataclass(frozen=True)
+class WrittenReport:
+    """A folder's quality report after a run: its two files and every model they now hold."""
+
+    json_path: Path
+    png_path: Path
+    models: dict[str, dict]
+
+
+def write_quality_report(folder: str | Path, reports: dict[str, dict]) -> WrittenReport:
+    """Merge ``reports`` into ``folder``'s ``sid_quality.json`` and draw ``sid_quality.png`` of the merged models,
+    under the folder's lock, so that runs reporting into one folder at the same time keep each other's models."""
+    target = Path(folder)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with folder_lock(target):
+            merged = write_quality_json(target / JSON_FILE, reports)
+            return WrittenReport(target / JSON_FILE, draw_quality_png(target / PNG_FILE, merged), merged)
+    except OSError as exc:
+        raise ReportError(str(target), str(exc.strerror or exc)) from None
 
 
 def write_quality_json(path: str | Path, reports: dict[str, dict]) -> dict[str, dict]:

@@ -46,6 +46,7 @@ from rqvae_ray.formatting import (
     with_dedup_tokens,
 )
 from rqvae_ray.outputs import (
+    JOURNAL_ROW_BYTES,
     MANIFEST_FILE,
     ExportRecord,
     ExtendedFile,
@@ -54,6 +55,7 @@ from rqvae_ray.outputs import (
     ManifestEntry,
     Provenance,
     ResumeState,
+    folder_lock,
     journal_path,
     output_dir,
     owner_tag,
@@ -65,8 +67,7 @@ from rqvae_ray.outputs import (
 )
 from rqvae_ray.sid_stats import SidCounter, pack_codes, unpack_codes
 
-JOURNAL_DTYPE = np.dtype("<i8")  # one packed SID per row
-JOURNAL_ITEM_BYTES = JOURNAL_DTYPE.itemsize
+JOURNAL_DTYPE = np.dtype(f"<i{JOURNAL_ROW_BYTES}")
 REPLAY_ROWS = 1 << 16  # rows rebuilt from a journal at a time
 # How often the writer makes its journals safe on disk: an interrupted run is resumed from the last checkpoint.
 CHECKPOINT_S = 2.0
@@ -167,7 +168,7 @@ class _Sink:
         path = journal_path(self.final)
         if self.target.resume_rows:
             self._journal = path.open("r+b")
-            self._journal.truncate(self.target.resume_rows * JOURNAL_ITEM_BYTES)
+            self._journal.truncate(self.target.resume_rows * JOURNAL_ROW_BYTES)
             self._journal.seek(0, os.SEEK_END)
         else:
             remove_resume_state(self.final)
@@ -199,7 +200,8 @@ class _Sink:
             return
         self._journal.flush()
         os.fsync(self._journal.fileno())
-        ResumeState(self.target.resume_key, self.journaled, self.encode_seconds, owner_tag()).write(self.final)
+        inode = os.fstat(self._journal.fileno()).st_ino
+        ResumeState(self.target.resume_key, self.journaled, self.encode_seconds, owner_tag(), inode).write(self.final)
 
     def _start_csv(self) -> None:
         header = CSV_HEADER_WITH_SID if self.spec.sid_tokens else CSV_HEADER
@@ -534,47 +536,50 @@ class DatasetWriter:
         if self.next_pid - 1 != self.num_pois:
             self.abort()
             raise OutputError(f"{self.repo}: wrote {self.next_pid - 1} rows but the dataset has {self.num_pois} POIs")
-        manifest = Manifest.read(self.folder, self.repo)
-        results: list[Published | Refused] = []
-        for sink in self.sinks:
-            if sink.changed:
-                sink.discard()
-                results.append(Refused(sink.target.model_id, _changed_reason(sink)))
-                continue
-            exported = sink.exports.files if sink.exports is not None else []
-            for partial, final in [(sink.partial, sink.final), *((e.partial, e.final) for e in exported)]:
-                try:
-                    os.replace(partial, final)
-                except OSError as exc:
-                    raise OutputError(
-                        f"cannot publish {final}: {exc.strerror}; check the folder's permissions", path=str(final)
-                    ) from None
-                self.published.append(final)
-            existing = sink.target.existing
-            entry = ManifestEntry(
-                file=sink.target.filename,
-                model_id=sink.target.model_id,
-                format=self.spec.fmt.value,
-                dedup=self.spec.dedup,
-                sid_tokens=self.spec.sid_tokens,
-                rows=sink.counter.rows,
-                sha256=sink.digest.hexdigest(),
-                written_at=utc_now(),
-                sid_stats=sink.counter.summary(),
-                encode_seconds=round(sink.encode_seconds, 3),
-                sinkhorn_levels=list(sink.target.sinkhorn_levels),
-                fixed_length=self.spec.fixed_length,
-                exports=[ExportRecord(e.export.value, e.final.name, e.sha256) for e in exported],
-                features_rows_sha256=sink.target.features_rows_sha256,
-                extends=None if existing is None else ExtendedFile(existing.sha256, existing.rows),
-                **vars(sink.target.provenance),
-            )
-            manifest.entries[entry.file] = entry
-            self.published_entries[entry.file] = entry
-            remove_resume_state(sink.final)
-            results.append(Published(entry, str(sink.final)))
-        manifest.write()
+        with folder_lock(self.folder):  # another run into this folder may be publishing now
+            manifest = Manifest.read(self.folder, self.repo)
+            results = [self._publish(sink, manifest) for sink in self.sinks]
+            manifest.write()
         return results
+
+    def _publish(self, sink: _Sink, manifest: Manifest) -> Published | Refused:
+        """Rename one model's file and its exports into place and enter it in ``manifest`` (a model whose kept POIs
+        now get other SIDs is refused and its files dropped)."""
+        if sink.changed:
+            sink.discard()
+            return Refused(sink.target.model_id, _changed_reason(sink))
+        exported = sink.exports.files if sink.exports is not None else []
+        for partial, final in [(sink.partial, sink.final), *((e.partial, e.final) for e in exported)]:
+            try:
+                os.replace(partial, final)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot publish {final}: {exc.strerror}; check the folder's permissions", path=str(final)
+                ) from None
+            self.published.append(final)
+        existing = sink.target.existing
+        entry = ManifestEntry(
+            file=sink.target.filename,
+            model_id=sink.target.model_id,
+            format=self.spec.fmt.value,
+            dedup=self.spec.dedup,
+            sid_tokens=self.spec.sid_tokens,
+            rows=sink.counter.rows,
+            sha256=sink.digest.hexdigest(),
+            written_at=utc_now(),
+            sid_stats=sink.counter.summary(),
+            encode_seconds=round(sink.encode_seconds, 3),
+            sinkhorn_levels=list(sink.target.sinkhorn_levels),
+            fixed_length=self.spec.fixed_length,
+            exports=[ExportRecord(e.export.value, e.final.name, e.sha256) for e in exported],
+            features_rows_sha256=sink.target.features_rows_sha256,
+            extends=None if existing is None else ExtendedFile(existing.sha256, existing.rows),
+            **vars(sink.target.provenance),
+        )
+        manifest.entries[entry.file] = entry
+        self.published_entries[entry.file] = entry
+        remove_resume_state(sink.final)
+        return Published(entry, str(sink.final))
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:
         """Commit this run's files to the dataset repo, with the repo's manifest updated by their entries (the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -18,6 +20,7 @@ from rqvae_ray.outputs import (
     atomic_write,
     check_existing,
     codebooks_filename,
+    folder_lock,
     output_dir,
     partial_path,
     remove_stale_partials,
@@ -72,6 +75,41 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     except OSError:
         pass
     assert target.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+
+
+TRY_LOCK = """
+import fcntl, os, sys
+handle = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def test_folder_lock_is_held_against_other_processes_and_leaves_no_file(tmp_path):
+    def other_process() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", TRY_LOCK, str(tmp_path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    with folder_lock(tmp_path):
+        assert other_process() == "held"
+    assert other_process() == "free"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_lock_runs_the_block_unlocked_where_the_filesystem_cannot_lock(tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with folder_lock(tmp_path):
+        ran.append(True)
+    assert ran == [True]
 
 
 def test_stale_partials_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):

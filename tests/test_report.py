@@ -7,13 +7,22 @@ import math
 import struct
 import subprocess
 import sys
+import threading
 
 import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
-from rqvae_ray.report import LEVEL_COLORS, ReportError, draw_quality_png, quality_table, write_quality_json
+from rqvae_ray.outputs import folder_lock
+from rqvae_ray.report import (
+    LEVEL_COLORS,
+    ReportError,
+    draw_quality_png,
+    quality_table,
+    write_quality_json,
+    write_quality_report,
+)
 from rqvae_ray.sid_stats import SidCounter, pack_codes
 
 # Six POIs, codebooks of 4: P1 and P2 collide, P3 shares their first two codes, P4 only the first.
@@ -102,6 +111,24 @@ def test_runs_into_one_folder_accumulate(tmp_path):
     assert merged[models[0]] == first[models[0]]
     assert json.loads(path.read_text())["models"] == merged
     assert [p.name for p in tmp_path.iterdir()] == ["sid_quality.json"]
+
+
+def test_runs_reporting_into_one_folder_at_once_keep_each_others_models(tmp_path):
+    reports = _reports()
+    mine, theirs = dict(list(reports.items())[:2]), dict(list(reports.items())[2:4])
+    written = []
+    with folder_lock(tmp_path):  # another run is merging its models into this folder's report
+        run = threading.Thread(target=lambda: written.append(write_quality_report(tmp_path, mine)))
+        run.start()
+        run.join(timeout=1.0)
+        assert run.is_alive() and not written  # waits for the other run instead of merging at the same time
+        write_quality_json(tmp_path / "sid_quality.json", theirs)
+    run.join(timeout=60)
+    assert written and written[0].models == {**theirs, **mine}
+    assert json.loads(written[0].json_path.read_text())["models"] == {**theirs, **mine}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sid_quality.json", "sid_quality.png"]
+    every = draw_quality_png(tmp_path / "expected" / "four.png", {**theirs, **mine})  # a row per model: 4 rows
+    assert _png_size(written[0].png_path.read_bytes()) == _png_size(every.read_bytes())
 
 
 @pytest.mark.parametrize(
@@ -205,6 +232,9 @@ def test_unwritable_target_is_a_report_error(tmp_path):
     with pytest.raises(ReportError) as raised:
         write_quality_json(blocker / "sid_quality.json", _reports())
     assert raised.value.path == str(blocker / "sid_quality.json")
+    with pytest.raises(ReportError) as raised:
+        write_quality_report(blocker / "reports", _reports())
+    assert raised.value.path == str(blocker / "reports")
 
 
 def test_importing_the_report_does_not_import_matplotlib():

@@ -4,6 +4,7 @@ rule, validation, and nothing partial left behind."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from rqvae_ray.errors import OutputError
 from rqvae_ray.existing_rows import ExistingRows
 from rqvae_ray.features import sparse_table
 from rqvae_ray.formatting import CSV_HEADER, CSV_HEADER_WITH_SID, csv_lines, csv_parts, string_bytes
-from rqvae_ray.outputs import MANIFEST_FILE, ExtendedFile, Manifest, Provenance, ResumeState, output_dir
+from rqvae_ray.outputs import (
+    MANIFEST_FILE,
+    ExtendedFile,
+    Manifest,
+    Provenance,
+    ResumeState,
+    folder_lock,
+    journal_path,
+    output_dir,
+)
 from rqvae_ray.readers import read_codebooks
 from rqvae_ray.sid_stats import SidCounter, pack_codes
 from rqvae_ray.writer import DatasetWriter, FinalWriter, ModelTarget, Refused
@@ -194,6 +204,25 @@ def test_final_writer_applies_each_datasets_blocks_in_sequence(tmp_path):
         assert (_folder(tmp_path) / item.entry.file).read_bytes() == _expected_csv(model, tokens=False)
 
 
+def test_runs_publishing_into_one_folder_at_once_keep_each_others_entries(tmp_path):
+    spec, other = OutputSpec(), OutputSpec(OutputFormat.PARQUET)
+    theirs = _write(tmp_path / "elsewhere", _encode(_blocks([N]), other, True), other).finish()
+    writer = _write(tmp_path, _encode(_blocks([N]), spec, True), spec)
+    published = []
+    with folder_lock(_folder(tmp_path)):  # another run is publishing its Parquet files into this folder
+        run = threading.Thread(target=lambda: published.extend(writer.finish()))
+        run.start()
+        run.join(timeout=1.0)
+        assert run.is_alive() and not published  # waits for the other run instead of merging at the same time
+        manifest = Manifest.read(_folder(tmp_path), REPO)
+        manifest.entries.update({item.entry.file: item.entry for item in theirs})
+        manifest.write()
+    run.join(timeout=60)
+    assert [item.entry.model_id for item in published] == [m for m, _ in MODELS]
+    entries = Manifest.read(_folder(tmp_path), REPO).entries
+    assert entries == {item.entry.file: item.entry for item in [*theirs, *published]} and len(entries) == 4
+
+
 def _codes(model: int, data: SparseRows | None = None) -> list[list[int]]:
     return Encoder(MODELS[model][1]).encode(rows(N) if data is None else data)[0].tolist()
 
@@ -358,6 +387,24 @@ def test_an_interruption_keeps_the_resume_state_and_a_failure_drops_it(tmp_path)
             assert ResumeState.read(_folder(out) / _targets(OutputFormat.CSV)[0].filename).rows == 100
         else:
             assert names == []
+
+
+def test_a_resume_state_whose_journal_was_replaced_or_cut_is_dropped(tmp_path):
+    spec = OutputSpec()
+    writer = DatasetWriter(REPO, _resumable_targets(OutputFormat.CSV), str(tmp_path), "LLM Dataset", spec, N)
+    writer.write(_encode(_blocks([100, 140]), spec, packed=True)[0])
+    writer.checkpoint()
+    writer.abort(keep_resume=True)
+    replaced, cut = (_folder(tmp_path) / t.filename for t in _targets(OutputFormat.CSV))
+    assert ResumeState.read(replaced).rows == ResumeState.read(cut).rows == 100
+    # A run writing the same file at the same time starts its own journal there: the same path, another file.
+    other = journal_path(replaced).with_name("other-journal")
+    other.write_bytes(journal_path(replaced).read_bytes())
+    other.replace(journal_path(replaced))
+    assert ResumeState.read(replaced) is None
+    with journal_path(cut).open("r+b") as journal:
+        journal.truncate(99 * 8)
+    assert ResumeState.read(cut) is None
 
 
 def test_parquet_bytes_do_not_depend_on_blocks_or_plan(tmp_path):
