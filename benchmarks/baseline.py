@@ -27,7 +27,7 @@ from torch import nn
 
 from benchmarks.compare import output_file
 from benchmarks.generate import FEATURES_DIR, NYC_MODELS
-from rqvae_ray.model_ids import parse_model_id
+from rqvae_ray.inputs.model_ids import parse_model_id
 
 BATCH_ROWS = 8192
 CSV_HEADER = b"Pid,Codebook,Vector\n"

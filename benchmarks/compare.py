@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 
 def output_file(out_dir: Path, model_id: str, fmt: str = "csv", base_folder: str = "LLM Dataset") -> Path:
     """Where the product puts ``model_id``'s codebooks file under ``out_dir`` (its own layout helpers)."""
-    from rqvae_ray.contract import OutputFormat
-    from rqvae_ray.model_ids import parse_model_id
-    from rqvae_ray.outputs import codebooks_filename, output_dir
+    from rqvae_ray.core.contract import OutputFormat
+    from rqvae_ray.inputs.model_ids import parse_model_id
+    from rqvae_ray.outputs.layout import codebooks_filename, output_dir
 
     spec = parse_model_id(model_id)
     return output_dir(out_dir, spec.dataset_repo, base_folder) / codebooks_filename(spec.name, OutputFormat(fmt))
@@ -43,7 +43,7 @@ def _codes_from_strings(text: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def product_csv_bytes(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray) -> bytes:
     """The product's CSV lines (without header) for these rows, whichever version of its formatting API is present."""
-    from rqvae_ray import formatting
+    from rqvae_ray.core import formatting
 
     if hasattr(formatting, "csv_parts"):
         lines = formatting.csv_lines(formatting.csv_parts(pids, codes, vectors, tokens=False))

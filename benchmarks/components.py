@@ -2,7 +2,7 @@
 
 For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in this process, one thread each:
 
-* product encode: ``rqvae_ray.encoder.Encoder.encode`` (float64, batch-invariant);
+* product encode: ``rqvae_ray.core.encoder.Encoder.encode`` (float64, batch-invariant);
 * product CSV formatting: every row (``csv_parts``) and with the per-SID cache (``SidText``); product Arrow
   columns: ``arrow_columns``;
 * baseline encode: densify + torch float32 encoder and quantizer (``benchmarks.baseline``);
@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.baseline import batch_to_dense, csv_bytes, load_model
     from benchmarks.compare import product_csv_bytes
     from benchmarks.generate import FEATURES_DIR, NYC_MODELS
-    from rqvae_ray.checkpoint import load_checkpoint_file
-    from rqvae_ray.encoder import Encoder
-    from rqvae_ray.features import rows_from_table
-    from rqvae_ray.formatting import SidText, arrow_columns, csv_lines, string_bytes
-    from rqvae_ray.sid_stats import pack_codes
+    from rqvae_ray.core.checkpoint import load_checkpoint_file
+    from rqvae_ray.core.encoder import Encoder
+    from rqvae_ray.core.formatting import SidText, arrow_columns, csv_lines, string_bytes
+    from rqvae_ray.core.rows import rows_from_table
+    from rqvae_ray.core.sid_stats import pack_codes
 
     model = NYC_MODELS[0]
     shards = sorted((args.hub_dir / "datasets/comp5331poi/nyc" / FEATURES_DIR).glob("*.parquet"))

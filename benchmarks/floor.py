@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import pyarrow as pa
 
-    from rqvae_ray.ray_cluster import configure_data_context, start_ray
+    from rqvae_ray.ray_backend.cluster import configure_data_context, start_ray
 
     start_ray(None)
     configure_data_context()

@@ -1,7 +1,8 @@
 """Synthetic NYC-shaped POIs at any scale, written as a hub dataset with sharded Parquet features, plus 5 NYC models.
 
-Each POI is a 1,407-dim multi-hot row shaped like the real Foursquare-NYC features (``rqvae_ray.demo.nyc_features``):
-one of 209 categories (Zipf-like popularity), one of 91 regions (half the time the category's home region), up to 10
+Each POI is a 1,407-dim multi-hot row shaped like the real Foursquare-NYC features
+(``rqvae_ray.inputs.demo.nyc_features``): one of 209 categories (Zipf-like popularity), one of 91 regions (half the
+time the category's home region), up to 10
 distinct hours of 24 around the category's peak hour, and up to 10 distinct users of 1,083 (Zipf-like popularity).
 The per-row counts of hours and users follow the real NYC distribution (``--row-profile nyc``: mean about 15 nonzeros,
 at most 22) or are always 10 (``--row-profile max``: 22 nonzeros per row).
@@ -15,8 +16,8 @@ Layout (``<hub>/datasets/comp5331poi/nyc/``):
 * ``Intermediate Files/pid_mapping.csv`` (``Original_Pid,Mapped_Pid``; Mapped_Pid 1..N);
 * with ``pt=True`` also ``RQVAE Dataset/poi_features.pt`` (dense float32 [N, 1407], the original system's input).
 
-Models: the 5 default NYC model IDs, fitted with ``rqvae_ray.demo.fit_checkpoint`` on the first ``fit_rows`` POIs,
-saved as ``<hub>/models/comp5331poi/<name>/rqvae_best.pt``.
+Models: the 5 default NYC model IDs, fitted with ``rqvae_ray.inputs.demo.fit_checkpoint`` on the first ``fit_rows``
+POIs, saved as ``<hub>/models/comp5331poi/<name>/rqvae_best.pt``.
 
 Run: ``python -m benchmarks.generate --pois N --hub-dir DIR [--dense] [--pt] [--shard-rows 250000]``.
 """
@@ -170,8 +171,8 @@ def write_models(hub: Path, sample: np.ndarray, models: tuple[str, ...] = NYC_MO
     """Fit each model on ``sample`` (dense) and save it in the hub layout."""
     import torch
 
-    from rqvae_ray.demo import fit_checkpoint
-    from rqvae_ray.model_ids import parse_model_id
+    from rqvae_ray.inputs.demo import fit_checkpoint
+    from rqvae_ray.inputs.model_ids import parse_model_id
 
     paths = []
     for model_id in models:

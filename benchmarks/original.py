@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.compare import output_file
-from rqvae_ray.model_ids import parse_model_id
+from rqvae_ray.inputs.model_ids import parse_model_id
 
 DEFAULT_MODELS = tuple(
     f"comp5331poi/rqvae-{dataset}-div{div}-commit{commit}-lr5e-5{suffix}"

@@ -80,29 +80,34 @@ def summarise_timeline(events: list[dict]) -> list[tuple[str, int, float, float,
 
 
 def main(argv: list[str]) -> int:
-    _mark("interpreter up, importing rqvae_ray.cli")
-    from rqvae_ray import cli, pipeline
+    _mark("interpreter up, importing rqvae_ray.cli.app")
+    from rqvae_ray.cli import app as cli
+    from rqvae_ray.pipeline import executor, jobs
+    from rqvae_ray.ray_backend import executor as ray_executor
 
     _mark("imports done")
-    _wrap(pipeline, "start_ray", "ray start (start_ray)")
-    _wrap(pipeline, "load_features", "load features")
-    _wrap(pipeline, "load_checkpoint_bytes", "load checkpoint")
-    _wrap(pipeline, "_encode_and_write", "encode+write (pipeline, per dataset)")
+    _wrap(ray_executor, "start_ray", "ray start (start_ray)")
+    _wrap(jobs, "load_features", "load features")
+    _wrap(jobs, "load_checkpoint_bytes", "load checkpoint")
+    _wrap(executor, "run_dataset", "encode+write (per dataset)")
     installed = threading.Lock()
-    encode_and_write = getattr(pipeline, "_encode_and_write", None)
-    if encode_and_write is not None:
-        # Ray Data is imported by then (importing it here would move its import cost out of the product's path).
-        @functools.wraps(encode_and_write)
-        def with_stream_marks(*args, **kwargs):
+    run_dataset = executor.run_dataset
+
+    # Ray Data is imported by then (importing it here would move its import cost out of the product's path).
+    @functools.wraps(run_dataset)
+    def with_stream_marks(*args, **kwargs):
+        import sys as _sys
+
+        if "ray.data" in _sys.modules:
             import ray.data
 
             with installed:
                 if not getattr(ray.data.Dataset.iter_internal_ref_bundles, "_traced", False):
                     _wrap_first_item(ray.data.Dataset, "iter_internal_ref_bundles", "ray data stream")
                     ray.data.Dataset.iter_internal_ref_bundles._traced = True
-            return encode_and_write(*args, **kwargs)
+        return run_dataset(*args, **kwargs)
 
-        pipeline._encode_and_write = with_stream_marks
+    executor.run_dataset = with_stream_marks
     timeline: list[dict] = []
     original_run_models = cli.run_models
 

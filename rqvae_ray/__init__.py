@@ -6,14 +6,16 @@ pay for the driver-side imports (and ``import rqvae_ray`` stays free of pandas, 
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "BatchInferenceManager": "rqvae_ray.api",
-    "BatchInferenceProcessor": "rqvae_ray.api",
-    "ModelConfigParser": "rqvae_ray.api",
-    "read_codebooks": "rqvae_ray.readers",
-    "iter_codebooks": "rqvae_ray.readers",
-    "results_frame": "rqvae_ray.summary",
-    "load_model": "rqvae_ray.model",
-    "diff_codebooks": "rqvae_ray.diff",
+    "BatchInferenceManager": "rqvae_ray.api.batch_inference",
+    "BatchInferenceProcessor": "rqvae_ray.api.batch_inference",
+    "ModelConfigParser": "rqvae_ray.api.batch_inference",
+    "read_codebooks": "rqvae_ray.outputs.readers",
+    "iter_codebooks": "rqvae_ray.outputs.readers",
+    "results_frame": "rqvae_ray.cli.summary",
+    "load_model": "rqvae_ray.api.model",
+    "diff_codebooks": "rqvae_ray.cli.diff",
+    "build_sid_stage": "rqvae_ray.api.ray_data",
+    "SidStageConfig": "rqvae_ray.api.ray_data",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -117,6 +117,24 @@ class OutputError(RqvaeRayError):
         self.path = path
 
 
+class OutputWriteError(OutputError):
+    """An output that could not be written for a cause outside the run's inputs and options (a full disk, a folder
+    removed or made read-only during the run): what was written so far stays resumable."""
+
+
+class ManifestError(OutputError):
+    """A manifest that cannot be read or holds a malformed entry: it is never overwritten, since that would drop the
+    entries of the files it describes."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot read the manifest {path}: {reason}; it is left as it is: repair it, or move it aside to redo "
+            "the files it describes",
+            path=path,
+        )
+        self.reason = reason
+
+
 class UploadError(RqvaeRayError):
     """An upload to the Hub that failed for good (the message never holds the token)."""
 
@@ -127,6 +145,14 @@ class UploadError(RqvaeRayError):
 
 class MissingTokenError(UploadError):
     """An upload was asked for, but no Hugging Face token is configured."""
+
+
+class TokenRejectedError(UploadError):
+    """The Hub refuses the configured Hugging Face token (revoked, mistyped) or it is read-only."""
+
+
+class RepoNotWritableError(UploadError):
+    """A dataset repo that the configured Hugging Face token may not write to."""
 
 
 class ReportError(RqvaeRayError):
@@ -172,12 +198,33 @@ class RayConnectionLost(RqvaeRayError):
         self.address = address
 
 
+class StopSignal(KeyboardInterrupt):
+    """The process got SIGTERM or SIGHUP: the run stops as on Ctrl-C and exits with status 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Cancelled(RqvaeRayError):
     """The run was interrupted; unfinished outputs were not published."""
 
     def __init__(self, repo: str) -> None:
         super().__init__(f"{repo}: interrupted; unfinished outputs were not published")
         self.repo = repo
+
+
+class WriterDied(RqvaeRayError):
+    """The run's writer process (a Ray actor) ended in the middle of a dataset; what it wrote so far stays
+    resumable."""
+
+    def __init__(self, repo: str, why: str) -> None:
+        super().__init__(
+            f"{repo}: the writer process ended unexpectedly ({why}); run the same command again: it resumes where "
+            "this run stopped"
+        )
+        self.repo = repo
+        self.why = why
 
 
 def reason_of(error: BaseException) -> str:

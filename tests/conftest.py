@@ -45,7 +45,7 @@ def use_hub(monkeypatch: pytest.MonkeyPatch, url: str, cache: Path, token: str) 
 @pytest.fixture(scope="session")
 def demo_hub(tmp_path_factory) -> Path:
     """The demo hub (real NYC + TKY-shaped data, 10 published-layout checkpoints), built once per session."""
-    from rqvae_ray.demo import build_demo_hub
+    from rqvae_ray.inputs.demo import build_demo_hub
 
     return build_demo_hub(tmp_path_factory.mktemp("hub") / "hub", progress=lambda _: None)
 

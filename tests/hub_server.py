@@ -48,6 +48,8 @@ Endpoints
   ``POST /_lfs/verify/{oid}``: the legacy (non-Xet) LFS upload protocol, basic single-part transfer.
 * ``POST /api/repos/create`` (``create_repo``; 409 if the repo exists, which ``exist_ok=True`` accepts) and
   ``GET /api/whoami-v2``.
+* ``GET /api/{models|datasets}/{org}/{name}/auth-check[/write]`` (``auth_check``): ``200`` when the repo exists (and,
+  for ``/write``, the request carries an accepted token), ``404 RepoNotFound`` otherwise.
 * ``/api/.../xet-read-token/...`` and ``xet-write-token``: ``501``. Note: when the preupload answer is
   ``"lfs"`` and ``hf_xet`` is installed, the client uploads through Xet for path/bytes operations, which this
   server does not support. To exercise the LFS path either pass an open binary file object as
@@ -58,7 +60,7 @@ Errors use the headers the client maps to exceptions: ``X-Error-Code: RepoNotFou
 
 Auth
 ----
-Reads are public. Writes (preupload, commit, LFS batch/verify, create_repo, whoami) require
+Reads are public. Writes (preupload, commit, LFS batch/verify, create_repo, whoami, auth-check/write) require
 ``Authorization: Bearer <token>`` and answer ``401`` otherwise; if the server was built with ``token=...``,
 any other token is rejected with ``401`` too. Token values are never stored, logged or written: the server
 keeps only sha256 digests in memory (see :meth:`HubServer.saw_token`). Default ``http.server`` request logging
@@ -747,6 +749,10 @@ class HubServer:
                 return _json_response(self._repo_info_json(repo, repo.head, blobs))
             if action == "revision" and args and method == "GET":
                 return _json_response(self._repo_info_json(repo, self._resolve_revision(repo, args[0]), blobs))
+            if action == "auth-check" and args in ([], ["write"]) and method == "GET":
+                if args:  # write access: any accepted token may write to any repo
+                    self._require_auth(token)
+                return _json_response({})
             if action == "tree" and args and method == "GET":
                 commit = self._resolve_revision(repo, args[0])
                 recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")

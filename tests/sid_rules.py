@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rqvae_ray.readers import read_codebooks
+from rqvae_ray.outputs.readers import read_codebooks
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

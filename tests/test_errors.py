@@ -19,6 +19,9 @@ CASES = [
     (errors.OutputError("read-only", path="/x"), {"path": "/x"}),
     (errors.MissingTokenError("no token"), {"repo": ""}),
     (errors.ReportError("/r.png", "disk full"), {"path": "/r.png", "reason": "disk full"}),
+    (errors.WriterDied("o/d", "it was killed or crashed"), {"repo": "o/d", "why": "it was killed or crashed"}),
+    (errors.OutputWriteError("disk full", path="/x"), {"path": "/x"}),
+    (errors.ManifestError("/m.json", "not JSON"), {"path": "/m.json", "reason": "not JSON"}),
     (errors.RayConnectionLost("127.0.0.1:6379"), {"address": "127.0.0.1:6379"}),
     (errors.Cancelled("o/d"), {"repo": "o/d"}),
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rqvae_ray.checkpoint import Layer, ModelWeights
-from rqvae_ray.encoder import SparseRows
+from rqvae_ray.core.checkpoint import Layer, ModelWeights
+from rqvae_ray.core.encoder import SparseRows
 
 DIM, HIDDEN, LATENT = 40, 16, 8
 

@@ -1,0 +1,1 @@
+"""The Python API: the original system's batch-inference classes and the in-process model."""

@@ -1,0 +1,398 @@
+"""The command line: ``python -m rqvae_ray.run`` / ``rqvae-ray``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+from rqvae_ray.cli.console import LOG_DIR, LiveProgress, RunConsole, make_progress, new_log_path
+from rqvae_ray.cli.flags import HelpFlag, flag
+from rqvae_ray.cli.summary import table_text, write_summary_json
+from rqvae_ray.core.contract import OutputFormat
+from rqvae_ray.errors import RayConnectionLost, RqvaeRayError, StopSignal, reason_of
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
+from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS
+from rqvae_ray.pipeline.options import ExecutorMode, PoolMode, RunOptions, check_setup, make_options
+from rqvae_ray.pipeline.progress import Progress
+from rqvae_ray.pipeline.results import ModelResult
+from rqvae_ray.runner import SHUTDOWN_WAIT_S, begin_shutdown, run_models
+
+DEMO_HUB = Path("demo_hub")
+DEMO_OUT = Path("demo_out")
+# Positionals that are values, not model IDs: what `--force true` leaves behind.
+FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+# Signals that stop a run as Ctrl-C (SIGINT) does (``ray job stop`` sends SIGTERM); it exits with 128 + the number.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The stop signals this process got (set by their handler).
+_received: list[int] = []
+
+app = typer.Typer(add_completion=False, help="Turn POI features into semantic IDs with RQ-VAE models on Ray.")
+
+
+@app.command(add_help_option=False)
+def run(
+    model_ids: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Model IDs (org/name), each optionally paired with its dataset repo as MODEL_ID=ORG/DATASET "
+            "(needed when the name does not follow the published rqvae-<dataset>-... scheme); default: the 10 "
+            "published models."
+        ),
+    ] = None,
+    models_file: Annotated[
+        Path | None,
+        typer.Option(help="Read more MODEL_ID[=ORG/DATASET] entries from this file, one per line (# comments)."),
+    ] = None,
+    hub_dir: Annotated[
+        Path | None, typer.Option(help="Read models and datasets from this local hub directory (default: the Hub).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Write outputs under this directory (default: upload to the Hub).")
+    ] = None,
+    upload: Annotated[bool, flag("--upload", "Upload to the Hub even when --out-dir is given.")] = False,
+    dataset: Annotated[
+        str | None, typer.Option(help="Only run the models of this dataset (a name such as nyc, or ORG/DATASET).")
+    ] = None,
+    demo: Annotated[bool, flag("--demo", f"Build ./{DEMO_HUB} if missing and write to ./{DEMO_OUT}.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag, commit) of the model repos.")] = None,
+    dataset_revision: Annotated[str | None, typer.Option(help="Hub revision of the dataset repos.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+    executor: Annotated[
+        ExecutorMode,
+        typer.Option(
+            help="Where the work runs: 'local' in this process (its threads), 'ray' on Ray Data's actor pools (a "
+            "private local Ray, or the cluster of --address / RAY_ADDRESS), 'auto' on Ray when a cluster is given, "
+            f"GPUs are asked for or the job has over {LOCAL_MAX_SID_ROWS:,} SID rows (POIs to encode x models; a "
+            "private Ray's start-up then is a small part of it), in this process otherwise. Outputs are "
+            "byte-identical either way."
+        ),
+    ] = ExecutorMode.AUTO,
+    pools: Annotated[
+        PoolMode,
+        typer.Option(
+            help="Actor pools: 'dataset' packs all models of a dataset into each actor (the batch is decoded once), "
+            "'model' gives each model its own pool (for models too large to share an actor or a GPU, or pools "
+            "sized apart), 'auto' packs unless the models' weights together exceed 2 GiB. Outputs are "
+            "byte-identical either way."
+        ),
+    ] = PoolMode.AUTO,
+    batch_size: Annotated[int, typer.Option(min=1, help="POIs per batch.")] = 4096,
+    actors_per_pool: Annotated[
+        int | None,
+        typer.Option(
+            "--actors-per-pool", "--actors-per-model", min=1, help="Fixed number of actors per pool (default: auto)."
+        ),
+    ] = None,
+    min_actors: Annotated[int | None, typer.Option(min=1, help="Autoscaling pool: fewest actors per pool.")] = None,
+    max_actors: Annotated[int | None, typer.Option(min=1, help="Autoscaling pool: most actors per pool.")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(min=0.0, help="CPUs reserved per encoder actor.")] = None,
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option(
+            "--gpus-per-actor",
+            "--gpus-per-model",
+            min=0.0,
+            help="GPUs per encoder actor, fractional allowed (default: share the cluster's GPUs).",
+        ),
+    ] = None,
+    base_folder: Annotated[str, typer.Option(help="Output folder inside the dataset repo.")] = "LLM Dataset",
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="Output file format.")] = OutputFormat.CSV,
+    force: Annotated[bool, flag("--force", "Redo outputs that are already up to date.")] = False,
+    dedup: Annotated[
+        bool, flag("--dedup", "Give POIs that share an SID one extra code 0, 1, 2, ... in Pid order.")
+    ] = False,
+    fixed_length: Annotated[
+        bool, flag("--fixed-length", "With --dedup: give every POI the extra code (0 for a unique SID).")
+    ] = False,
+    sid_tokens: Annotated[
+        bool, flag("--sid-tokens", "Add an SID column with the <a_x><b_y><c_z>[<d_w>] LLM tokens.")
+    ] = False,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            "--export",
+            metavar="index-json,tensor",
+            help="Also write codebooks-<model>.index.json (Pid to SID tokens) and/or .sids.pt (an int64 tensor, "
+            "levels x POIs); with --dedup or any export, .prefixes.json (codes allowed after each SID prefix) too.",
+        ),
+    ] = None,
+    keep_existing: Annotated[
+        bool,
+        flag(
+            "--keep-existing",
+            "Keep every POI of the published codebooks file with its codes; encode only the POIs added after it.",
+        ),
+    ] = False,
+    actor_wait_s: Annotated[
+        float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
+    ] = 600.0,
+    upload_retries: Annotated[int, typer.Option(min=0, help="Retries of a failed upload commit.")] = 5,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
+    ] = None,
+    quiet: Annotated[bool, flag("--quiet", "Print only the final table and errors.")] = False,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Also write the final table, quality figures and exit reason as JSON here.")
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(help=f"Where Ray's own output goes (default: a new file in {LOG_DIR}); the summary names it."),
+    ] = None,
+    debug: Annotated[bool, flag("--debug", "Show Ray's output on the console, and tracebacks.")] = False,
+    _help: HelpFlag = False,
+) -> None:
+    """Encode every POI of each model's dataset and write one codebooks file per model."""
+    console = RunConsole(None if debug else (log_file or new_log_path()))
+    with console.captured():
+        selected = _select(console, model_ids, models_file, dataset)
+        if isinstance(selected, _Outcome):
+            _finish(console, selected, summary_json)
+        specs, invalid = selected
+        progress = make_progress(console, quiet)
+        if demo:
+            hub_dir, out_dir = hub_dir or DEMO_HUB, out_dir or DEMO_OUT
+        try:
+            if demo and not hub_dir.exists():
+                from rqvae_ray.inputs.demo import build_demo_hub
+
+                progress.note(f"building the demo hub in {hub_dir} ...")
+                build_demo_hub(hub_dir, progress=progress.note)
+            options = make_options(
+                hub_dir=hub_dir,
+                revision=revision,
+                dataset_revision=dataset_revision,
+                out_dir=out_dir,
+                upload=upload or None,
+                base_folder=base_folder,
+                fmt=output_format,
+                dedup=dedup,
+                fixed_length=fixed_length,
+                sid_tokens=sid_tokens,
+                exports=export or "",
+                keep_existing=keep_existing,
+                force=force,
+                executor=executor,
+                pools=pools,
+                actors_per_pool=actors_per_pool,
+                min_actors=min_actors,
+                max_actors=max_actors,
+                cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor,
+                batch_size=batch_size,
+                actor_wait_s=actor_wait_s,
+                address=address,
+                upload_retries=upload_retries,
+            )
+            check_setup(options)
+        except RqvaeRayError as exc:
+            console.error(str(exc))
+            _finish(console, _Outcome(2, "setup error", invalid), summary_json)
+        reports_to = report_dir or out_dir
+        if reports_to is not None:  # a PNG will be drawn
+            threading.Thread(target=_import_plotting, daemon=True).start()
+        outcome = _execute(console, specs, invalid, options, progress, debug, summary_json)
+        stopping = begin_shutdown()
+        _report(console, outcome.results, reports_to)
+        stopping.wait(SHUTDOWN_WAIT_S)
+        if console.log_path is not None:
+            console.echo(f"Ray's own output of this run: {console.log_path}")
+        failed = [r for r in outcome.results if not r.ok]
+        console.echo(f"\n{len(outcome.results) - len(failed)} of {len(outcome.results)} models succeeded")
+        _finish(console, outcome, summary_json)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a run ended: its exit status, the reason, and a result per model."""
+
+    code: int
+    reason: str
+    results: list[ModelResult] = field(default_factory=list)
+
+
+def _finish(console: RunConsole, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
+    """Write ``--summary-json`` and exit with the outcome's status (1 for a run that succeeded but whose summary
+    JSON, which a caller reads to learn the outcome, cannot be written)."""
+    code = outcome.code
+    if summary_json is not None:
+        log = str(console.log_path or "")
+        try:
+            write_summary_json(summary_json, outcome.results, outcome.code, outcome.reason, log)
+        except OSError as exc:
+            console.error(
+                f"the summary JSON was not written to {summary_json} ({exc.strerror or exc}); give --summary-json a "
+                "path in a writable folder"
+            )
+            code = code or 1
+    raise typer.Exit(code)
+
+
+def _select(
+    console: RunConsole, model_ids: list[str] | None, models_file: Path | None, dataset: str | None
+) -> tuple[list[ModelSpec], list[ModelResult]] | _Outcome:
+    """The models to run and a failed result per invalid model ID, or the outcome when nothing can run."""
+    values = [m for m in model_ids or [] if m.strip().lower() in FLAG_VALUES]
+    if values:
+        console.error(f"{values[0]!r} is not a model ID: flags take no value (write --force, not --force {values[0]})")
+        return _Outcome(2, "invalid arguments")
+    requested = list(model_ids or [])
+    if models_file is not None:
+        try:
+            requested += read_models_file(models_file)
+        except RqvaeRayError as exc:
+            console.error(str(exc))
+            return _Outcome(2, "unreadable models file")
+    specs, bad_ids, duplicates = split_model_ids(requested or list(DEFAULT_MODELS))
+    invalid = [ModelResult(m, "", ok=False, error=f"invalid model ID {why}") for m, why in bad_ids.items()]
+    for result in invalid:
+        console.error(result.error)
+    for model_id, count in duplicates.items():
+        console.echo(f"note: {model_id} was given {count} times; running it once")
+    if dataset is not None:
+        specs = [s for s in specs if dataset in (s.dataset, s.dataset_repo)]
+        if not specs and not invalid:
+            console.error(f"no requested model is a {dataset} model")
+            return _Outcome(2, "no model to run")
+    if not specs:
+        return _Outcome(2, "invalid model IDs", invalid)
+    return specs, invalid
+
+
+def _execute(
+    console: RunConsole,
+    specs: list[ModelSpec],
+    invalid: list[ModelResult],
+    options: RunOptions,
+    progress: Progress,
+    debug: bool,
+    summary_json: Path | None,
+) -> _Outcome:
+    """Run the models, then print the errors and the summary table; a run stopped by a signal or by the loss of its
+    Ray cluster ends the process here (see :func:`_exit_now`)."""
+    try:
+        try:
+            results = run_models(specs, options, progress)
+        finally:
+            if isinstance(progress, LiveProgress):
+                progress.stop()
+    except RayConnectionLost as exc:
+        _exit_now(console, str(exc), _Outcome(1, "lost the connection to the Ray cluster", invalid), summary_json)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        signum = _stop_signal(exc)
+        if signum is None:
+            raise
+        name = signal.Signals(signum).name
+        _exit_now(console, _stopped_line(signum), _Outcome(128 + signum, f"stopped by {name}", invalid), summary_json)
+    except Exception as exc:
+        if debug:
+            raise
+        console.error(f"{reason_of(exc)} (--debug for details; Ray's output is in {console.log_path})")
+        return _Outcome(1, "internal error", invalid)
+    for result in results:
+        if not result.ok:
+            console.error(f"{result.model_id}: {result.error}")
+    results += invalid
+    console.echo("")
+    console.echo(table_text(results))
+    failed = [r for r in results if not r.ok]
+    return _Outcome(1, f"{len(failed)} model(s) failed", results) if failed else _Outcome(0, "ok", results)
+
+
+def _stop_signal(exc: KeyboardInterrupt | SystemExit) -> int | None:
+    """The signal that stopped the run with ``exc``; None when ``exc`` is an exit of another kind."""
+    if isinstance(exc, StopSignal):
+        return exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    # ray.init replaces this process's SIGTERM handler with one of its own that calls sys.exit(SIGTERM).
+    return signal.SIGTERM if exc.code == signal.SIGTERM else None
+
+
+def _stopped_line(signum: int) -> str:
+    """The one line a run stopped by ``signum`` prints."""
+    why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"{why}; finished outputs are kept, unfinished ones were not published"
+
+
+def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
+    """End a run stopped early: print ``line``, stop Ray (when this process started it), write ``--summary-json`` and
+    exit at once, because the dataset threads may still be inside Ray calls and nothing is left to wait for."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # the run is stopping already
+    console.error(line)
+    begin_shutdown().wait(SHUTDOWN_WAIT_S)
+    try:
+        _finish(console, outcome, summary_json)
+    except typer.Exit:
+        pass  # _finish ends the command through typer; this process ends here instead
+    for stream in (console.out, console.err, sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(outcome.code)
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    """The handler of the stop signals: stop the run from the main thread as Ctrl-C does; later ones are ignored."""
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    _received.append(signum)
+    raise StopSignal(signum)
+
+
+def _import_plotting() -> None:
+    """Import matplotlib while the run waits on Ray, rather than after it, when the quality report is drawn."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
+def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:
+    """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
+    from rqvae_ray.cli.report import quality_table, write_quality_report
+
+    reports = {r.model_id: r.quality for r in results if r.ok and r.quality}
+    if not reports:
+        return
+    console.echo("\nSID quality\n" + quality_table(reports))
+    if folder is None:
+        return
+    try:
+        written = write_quality_report(folder, reports)  # with the other models already reported in this folder
+    except RqvaeRayError as exc:
+        console.warn(f"the quality report was not written ({exc})")
+        return
+    console.echo(f"quality report: {written.json_path} and {written.png_path} ({len(written.models)} models)")
+
+
+def main() -> NoReturn:
+    """Console-script entry point (also ``python -m rqvae_ray.run``).
+
+    Once the command has returned, its files are published and Ray is shut down; the process then ends at once,
+    because the interpreter's own teardown of torch, Ray and Arrow takes seconds and does nothing for the user.
+    SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stop)
+    try:
+        app(prog_name="rqvae-ray")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if _received:  # stopped outside the models' work, which exits by itself; typer ends any interrupt with 130
+        print(f"error: {_stopped_line(_received[0])}", file=sys.stderr)
+        code = 128 + _received[0]
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The typed contract between the encode stage and the writer.
+
+:class:`OutputSpec` says what a run writes (format, dedup, SID tokens). :class:`EncodedColumns` is what one model
+contributes to a block: the encode stage builds it, :class:`ModelSlot` attaches it to the block under that model's
+slot and the writer reads it back through the same slot, so neither side spells a column name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import Enum
+
+import numpy as np
+import pyarrow as pa
+
+from rqvae_ray.core.checkpoint import ModelWeights
+from rqvae_ray.core.formatting import SidText, csv_lines, csv_parts, sid_tokens
+from rqvae_ray.core.sid_stats import sid_array, sid_layout
+from rqvae_ray.errors import OutputError
+
+
+class OutputFormat(str, Enum):
+    """The file format of the codebooks files."""
+
+    CSV = "csv"
+    PARQUET = "parquet"
+
+    @property
+    def extension(self) -> str:
+        return self.value
+
+
+class Export(str, Enum):
+    """A file written beside a model's codebooks file: ``codebooks-<model>.<suffix>``."""
+
+    INDEX_JSON = "index-json"
+    TENSOR = "tensor"
+    PREFIXES = "prefixes"
+
+    @property
+    def suffix(self) -> str:
+        return {"index-json": "index.json", "tensor": "sids.pt", "prefixes": "prefixes.json"}[self.value]
+
+    @classmethod
+    def parse(cls, text: str) -> frozenset[Export]:
+        """The exports named in a comma-separated list such as ``index-json,tensor``."""
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        known = {export.value: export for export in cls}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise OutputError(f"--export {unknown[0]!r} is not an export; choose from {', '.join(known)}")
+        return frozenset(known[name] for name in names)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What every model's output holds: the format, dedup codes (``fixed_length``: on every POI), the SID token
+    column, the files exported beside it, and whether the rows of an existing file are kept (``keep_existing``)."""
+
+    fmt: OutputFormat = OutputFormat.CSV
+    dedup: bool = False
+    sid_tokens: bool = False
+    fixed_length: bool = False
+    exports: frozenset[Export] = frozenset()
+    keep_existing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fixed_length and not self.dedup:
+            raise OutputError("--fixed-length gives every POI a dedup code, so it needs --dedup; add --dedup")
+
+    @property
+    def text_parts(self) -> bool:
+        """CSV whose lines the writer completes (it adds the dedup codes once every SID is counted)."""
+        return self.fmt is OutputFormat.CSV and self.dedup
+
+    @property
+    def exported(self) -> tuple[Export, ...]:
+        """Every file written beside the codebooks file, in a fixed order: the asked exports, plus the prefixes
+        whenever there is a dedup code or any export."""
+        wanted = set(self.exports)
+        if self.dedup or wanted:
+            wanted.add(Export.PREFIXES)
+        return tuple(export for export in Export if export in wanted)
+
+
+@dataclass(frozen=True)
+class EncodedColumns:
+    """One model's output for the rows of a block, in the form the writer appends to its file.
+
+    ``sid`` is always there (per row its packed SID, see :class:`rqvae_ray.core.sid_stats.SidLayout`: one int64, or
+    a fixed-size list of int64 words for codebook sizes that multiply past 2**63), and ``seconds`` (whose sum over
+    a file is the time its model spent encoding, over all actors or threads).
+    CSV without dedup has finished ``lines``; CSV with dedup has the ``head`` and ``tail`` around the place of the
+    dedup code (and the ``tokens`` field); Parquet has only the ``tokens`` string when asked for: the writer builds
+    the Codebook and Vector columns from the codes (the Vector is the sum of the codewords, a function of the codes),
+    so that Ray's encoder actors ship 8 bytes per row and model (per word of a wide SID) rather than ~290.
+    """
+
+    sid: pa.Array
+    seconds: pa.Array | None = None  # float64 per row: its share of the time the model took to encode its batch
+    lines: pa.Array | None = None
+    head: pa.Array | None = None
+    tail: pa.Array | None = None
+    tokens: pa.Array | None = None
+
+
+_PARTS = tuple(part.name for part in fields(EncodedColumns))
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """Where one model's :class:`EncodedColumns` travel in a block (the ``index``-th model of its dataset)."""
+
+    index: int
+
+    def _column(self, part: str) -> str:
+        return f"m{self.index}.{part}"
+
+    def attach(self, table: pa.Table, encoded: EncodedColumns) -> pa.Table:
+        """``table`` with this model's columns appended."""
+        for part in _PARTS:
+            values = getattr(encoded, part)
+            if values is not None:
+                table = table.append_column(self._column(part), values)
+        return table
+
+    def read(self, table: pa.Table) -> EncodedColumns:
+        """This model's columns of a block built by :meth:`attach`."""
+        names = set(table.column_names)
+        return EncodedColumns(
+            **{part: table.column(self._column(part)) for part in _PARTS if self._column(part) in names}
+        )
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """One model an encode stage holds: its ID, its slot in the blocks and its frozen weights."""
+
+    model_id: str
+    slot: int
+    weights: ModelWeights
+
+
+class RowText:
+    """CSV text formatted row by row, for SIDs too wide for :class:`SidText`'s int64 keys (most are distinct)."""
+
+    def __init__(self, vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool) -> None:
+        self._vectors_of = vectors_of
+        self.tokens = tokens
+
+    def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
+        """The same pieces as :meth:`SidText.csv_parts`."""
+        return csv_parts(pids, codes, self._vectors_of(codes), self.tokens)
+
+
+def csv_text(vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool, sizes: tuple[int, ...]) -> SidText | RowText:
+    """A model's CSV text maker: the per-SID cache when one int64 holds its packed SIDs, else row by row."""
+    return RowText(vectors_of, tokens) if sid_layout(sizes).wide else SidText(vectors_of, tokens)
+
+
+def encoded_columns(
+    pids: np.ndarray, codes: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: SidText | RowText | None
+) -> EncodedColumns:
+    """A model's output columns for rows of known codes and packed SIDs (``text``: its :func:`csv_text`, for CSV)."""
+    sid = sid_array(packed)
+    if text is not None:
+        parts = text.csv_parts(pids, codes, packed)
+        if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
+            return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
+        return EncodedColumns(sid, lines=csv_lines(parts))
+    return EncodedColumns(sid, tokens=sid_tokens(codes) if spec.sid_tokens else None)

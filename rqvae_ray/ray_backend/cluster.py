@@ -1,0 +1,273 @@
+"""The Ray cluster: starting or joining it, Ray Data's settings, what the cluster offers, checking that a plan's
+actors fit, and watching that the cluster is still there while a run waits on it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
+
+BLOCK_BYTES = 4 << 20
+# How long a run waits for Ray to shut down before it exits anyway.
+RAY_STOP_WAIT_S = 15.0
+# How long a private local Ray's processes have to end by themselves after ray.shutdown() before they are killed.
+RAY_EXIT_GRACE_S = 1.0
+
+
+def start_ray(address: str | None) -> ClusterShape:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a private local Ray on loopback; returns what
+    the cluster offers."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # A private single-machine Ray has no reason to listen beyond loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    private = False
+    # Ray's core worker replaces this process's SIGTERM handler with one that aborts it (no summary, partial files
+    # left); the run's own handler (the command line's) is put back.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if ray.is_initialized():
+        pass
+    elif address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=local_object_store_bytes(),
+        )
+        private = True
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
+    import ray.data  # noqa: F401 - imported here, while datasets load in other threads, not on the critical path
+
+    return ClusterShape.current(private)
+
+
+def local_object_store_bytes() -> int:
+    """Object store size of a private local Ray: 256 MiB per CPU, at least 1 GiB, at most Ray's default (30 % of RAM).
+
+    The blocks in flight need far less than Ray's default, and every page of the store that is touched once stays
+    resident until Ray stops: with the default, the peak memory of a run grew with the number of POIs.
+    """
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(0.3 * ram, max(1 << 30, (256 << 20) * (os.cpu_count() or 1))))
+
+
+def configure_data_context() -> None:
+    """Ray Data settings of every run: rows in order, no skipped blocks, pools that start together."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    # Blocks of about one batch's output: the writer gets rows as soon as a batch is encoded, rather than once Ray
+    # Data has gathered 128 MiB of them, and no process holds more than a few blocks of rows.
+    ctx.target_max_block_size = BLOCK_BYTES
+    # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
+    # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
+    ctx.max_errored_blocks = 0
+    # A UDF's own error (say, NaN in a feature row) reaches the driver as itself, with its one-line reason, rather
+    # than wrapped in Ray Data's UserCodeException, whose cause does not survive the trip between processes.
+    ctx.raise_original_map_exception = True
+    # Every pool's actors start at once (see reserve_actors); waiting here would start the pools one after another.
+    ctx.wait_for_min_actors_s = -1
+    # The driver reports progress itself; Ray Data's per-operator bars and log lines would drown it.
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster offers in all: CPUs and GPUs; ``private`` when it is a local Ray this run started (whose
+    resources never change and hold nothing else)."""
+
+    cpus: float
+    gpus: float
+    private: bool = False
+
+    @classmethod
+    def current(cls, private: bool = False) -> ClusterShape:
+        import ray
+
+        resources = ray.cluster_resources()
+        return cls(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), private)
+
+    def now(self) -> ClusterShape:
+        """The shape at this moment: a private Ray's never changes; a joined cluster's is read again (an autoscaling
+        cluster grows while a run goes on)."""
+        return self if self.private else ClusterShape.current()
+
+
+def reserve_actors(num_cpus: float, num_gpus: float, actors: int, wait_s: float, cluster: ClusterShape) -> None:
+    """Return once the cluster can hold ``actors`` encoder actors of this size at the same time.
+
+    On a private local Ray the answer is known at once from its resources; elsewhere a placement group probes.
+
+    Ray Data starts its actor pools asynchronously (``wait_for_min_actors_s = -1``), so that all pools' actors start
+    together rather than one pool after another (a GPU actor spends seconds starting torch and CUDA); this check keeps
+    a clear, bounded failure for pools that can never start. The placement group only probes: it is removed at once,
+    before the actors ask for the same resources (on an autoscaling cluster, the nodes it brought up stay).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount}
+    if not bundle or actors < 1:
+        return
+    if cluster.private:
+        if num_cpus * actors > cluster.cpus or num_gpus * actors > cluster.gpus:
+            raise PoolStartTimeout(_pool_start_failure(num_cpus, num_gpus, wait_s))
+        return
+    group = placement_group([bundle] * actors)
+    try:
+        ready = group.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(group)
+    if not ready:
+        raise PoolStartTimeout(_pool_start_failure(num_cpus, num_gpus, wait_s))
+
+
+def _pool_start_failure(num_cpus: float, num_gpus: float, wait_s: float) -> str:
+    """Why no encoder actor started within --actor-wait-s: what each asked for, what the nodes offer, what to change."""
+    import ray
+
+    asked = {"CPU": num_cpus, "GPU": num_gpus}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    wanted = " + ".join(f"{amount:g} {name}" for name, amount in asked.items() if amount)
+    if any(all(node.get(name, 0.0) >= amount for name, amount in asked.items()) for node in nodes):
+        why = "the nodes that could hold one are busy (other pools, jobs or actors hold their resources)"
+    else:
+        offers = [(node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes]
+        cpus, gpus = max(offers, key=lambda offer: offer[::-1], default=(0.0, 0.0))
+        why = f"no node has that much (the largest offers {cpus:g} CPU + {gpus:g} GPU)"
+    return (
+        f"no encoder actor started within --actor-wait-s {wait_s:g}: each asks for {wanted} and {why}; "
+        "lower --gpus-per-actor, --cpus-per-actor or the actors per pool, add nodes, or raise --actor-wait-s if "
+        "nodes are still starting"
+    )
+
+
+def begin_stopping_ray() -> threading.Event:
+    """Start shutting Ray down in the background (a private local Ray's processes end with it); the event is set when
+    done. The driver goes on meanwhile (writing the quality report, say): the shutdown is mostly waiting."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (_shutdown_ray(), done.set()), daemon=True).start()
+    return done
+
+
+def _shutdown_ray() -> None:
+    """``ray.shutdown()``, then make sure the processes of a private local Ray have ended.
+
+    ``ray.shutdown()`` stops the GCS and the raylet but leaves their workers to notice on their own: dozens of actors
+    on few CPUs took 5-10 s to, outliving the run. Those still there after a short grace are killed.
+    """
+    import ray
+
+    ours = _local_ray_processes()  # before the shutdown: its workers are then reparented away from the raylet
+    ray.shutdown()
+    if _wait_gone(ours, RAY_EXIT_GRACE_S):
+        return
+    for pid in _alive(ours):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    _wait_gone(ours, RAY_EXIT_GRACE_S)
+
+
+def _local_ray_processes() -> dict[int, str]:
+    """The processes of the local Ray this process started (its GCS, raylet, ... and their descendants, the workers),
+    as pid -> start time (so that a pid reused later is never taken for one of them); none when Ray was joined."""
+    from ray._private import worker
+
+    node = worker._global_node
+    roots = {info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos}
+    children: dict[int, list[int]] = {}
+    for pid in _process_ids():
+        parent = _stat_field(pid, 3)
+        if parent is not None:
+            children.setdefault(int(parent), []).append(pid)
+    found: dict[int, str] = {}
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        start = _stat_field(pid, 21)
+        if pid not in found and start is not None:
+            found[pid] = start
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _process_ids() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc (not Linux): nothing to follow beyond ray.shutdown()
+        return []
+
+
+def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index`` (0-based, as in proc(5) minus one) of /proc/<pid>/stat; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 1) is in parentheses and may itself hold spaces or parentheses.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[index - 2] if len(fields) > index - 2 else None
+
+
+def _alive(processes: dict[int, str]) -> list[int]:
+    """Those of ``processes`` still running: the same process (same start time), and not a zombie."""
+    return [pid for pid, start in processes.items() if _stat_field(pid, 21) == start and _stat_field(pid, 2) != "Z"]
+
+
+def _wait_gone(processes: dict[int, str], within_s: float) -> bool:
+    """Wait up to ``within_s`` seconds for ``processes`` to end; whether they all did."""
+    deadline = time.monotonic() + within_s
+    while _alive(processes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop_ray(within_s: float = RAY_STOP_WAIT_S) -> None:
+    """Shut Ray down, giving up after ``within_s`` seconds.
+
+    Used when a run stops early (interrupted, or the cluster lost): other threads may still be inside Ray calls, and
+    a shutdown that hangs on them must not keep the process alive.
+    """
+    begin_stopping_ray().wait(within_s)
+
+
+def _gcs_reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def wait_watching_cluster(futures: list[Future], every_s: float = 2.0, misses: int = 3) -> None:
+    """Wait for ``futures`` while checking that Ray's GCS still answers; raise :class:`RayConnectionLost` if not.
+
+    Without this, a lost cluster leaves the driver blocked until Ray's own core worker kills it a minute later with
+    a message of its own; here the run stops with one clear line instead.
+    """
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    missed = 0
+    while wait(futures, timeout=every_s).not_done:
+        missed = 0 if _gcs_reachable(address) else missed + 1
+        if missed >= misses:
+            raise RayConnectionLost(address)

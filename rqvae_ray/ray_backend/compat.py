@@ -1,0 +1,32 @@
+"""The Ray and Ray Data APIs that change between versions, each in one place. Tested with Ray 2.60."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+
+def read_task(read: Callable[[], Iterator], rows: int, per_task_row_limit: int | None):
+    """A read task of known row count (``Datasource.get_read_tasks`` takes ``per_task_row_limit`` and
+    ``data_context`` since Ray 2.5x; ``BlockMetadata`` lost its ``schema`` field in 2.4x)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import ReadTask
+
+    meta = BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None)
+    return ReadTask(read, meta, per_task_row_limit=per_task_row_limit)
+
+
+def read_on_this_node(source, blocks: int, this_node_only: bool):
+    """``read_datasource`` with exactly ``blocks`` blocks, its tasks pinned to the driver's node when
+    ``this_node_only`` (label selectors, and the ``ray.io/node-id`` label every node carries: Ray 2.50+)."""
+    import ray
+
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if this_node_only else None
+    return ray.data.read_datasource(source, label_selector=here, override_num_blocks=blocks)
+
+
+def block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:
+    """The output blocks of ``ds`` in order, as object references, with the rows of each to take (a block may be
+    shared by two bundles as slices: ``iter_internal_ref_bundles`` and ``RefBundle.slices``, Ray 2.5x-2.60)."""
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
+            yield entry.ref, (part.start_offset, part.end_offset) if part is not None else None

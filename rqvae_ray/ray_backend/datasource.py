@@ -1,0 +1,37 @@
+"""Where the POI rows enter Ray: a Ray Data datasource with one read task per piece of
+:func:`rqvae_ray.inputs.blocks.pieces` (a Parquet shard, or a few blocks of rows in memory), each yielding blocks of
+exactly ``block_rows`` POIs in Pid order.
+
+The driver already knows every shard's rows (it checked their Pids), so the read tasks come with their metadata and
+yield blocks of the batch size themselves: no file listing or footer reading by Ray Data, and no repartition step.
+Parquet is read by tasks pinned to the driver's node, where the files are.
+"""
+
+from __future__ import annotations
+
+from ray.data import Datasource
+
+from rqvae_ray.inputs.blocks import Piece, pieces
+from rqvae_ray.inputs.features import PoiFeatures
+from rqvae_ray.ray_backend import compat
+
+
+def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1):
+    """A Ray Dataset of the rows of Pids ``start_pid``..N in order, in blocks of ``block_rows`` POIs."""
+    source = _PoiSource(pieces(features, block_rows, start_pid))
+    # As many blocks as read tasks: each task already yields batch-size blocks, which Ray Data would otherwise split
+    # again to reach its default of 200 blocks (tiny blocks, each a task, a transfer and a write).
+    return compat.read_on_this_node(source, len(source.pieces), this_node_only=bool(features.shards))
+
+
+class _PoiSource(Datasource):
+    """One read task per piece, each with its row count."""
+
+    def __init__(self, found: list[Piece]) -> None:
+        self.pieces = found
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+        return [compat.read_task(piece.read, piece.rows, per_task_row_limit) for piece in self.pieces]

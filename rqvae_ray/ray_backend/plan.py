@@ -1,0 +1,114 @@
+"""The execution plan of one dataset: which models share an encoder actor pool, how many actors, of what size.
+
+Two plans, with byte-identical outputs:
+
+* ``dataset``: one pool whose actors hold every model of the dataset; each batch is decoded once and passes through
+  every model, and each model's output goes straight to the writer.
+* ``model``: one pool per model, chained (each pool appends its model's columns and passes the block on); for models
+  too large to share an actor or a GPU, or pools that must be sized apart.
+
+``auto`` packs a dataset's models into one pool unless their weights together exceed :data:`PACKED_WEIGHTS_BYTES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rqvae_ray.pipeline.options import PoolMode, PoolSizing
+from rqvae_ray.ray_backend.cluster import ClusterShape
+
+# Above this much float64 weights in one actor, auto gives each model its own pool.
+PACKED_WEIGHTS_BYTES = 2 << 30
+# SID rows (POIs x models) that one CPU actor encodes in a few seconds, about what starting an actor costs: auto adds
+# an actor to a pool per this many SID rows, up to the pool's share of the cluster's CPUs.
+SID_ROWS_PER_ACTOR = 1_000_000
+# GPU actors cost more to start (torch and CUDA) and encode faster.
+SID_ROWS_PER_GPU_ACTOR = 5_000_000
+# Encoder actors reserve at most this share of the cluster's CPUs, leaving the rest to reading and writing.
+ENCODER_CPU_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One actor pool: the indices (in the dataset's model list) of the models each of its actors holds."""
+
+    models: tuple[int, ...]
+    min_actors: int
+    max_actors: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """The pools of one dataset, and why."""
+
+    mode: PoolMode
+    pools: tuple[Pool, ...]
+    reason: str
+
+    @property
+    def min_actors(self) -> int:
+        return sum(pool.min_actors for pool in self.pools)
+
+    def describe(self) -> str:
+        """One line such as ``1 pool of 2 actors x 5 models (auto: ...)``."""
+        first = self.pools[0]
+        size = (
+            f"{first.min_actors}" if first.min_actors == first.max_actors else f"{first.min_actors}-{first.max_actors}"
+        )
+        device = f"{first.num_gpus:g} GPU" if first.num_gpus else f"{first.num_cpus:g} CPU"
+        if self.mode is PoolMode.DATASET:
+            shape = f"1 pool of {size} actor(s) x {len(first.models)} model(s)"
+        else:
+            shape = f"{len(self.pools)} pool(s) (one per model) of {size} actor(s)"
+        return f"{shape}, {device} each ({self.reason})"
+
+
+def plan_dataset(
+    weights_bytes: list[int], num_pois: int, sizing: PoolSizing, cluster: ClusterShape, datasets: int
+) -> DatasetPlan:
+    """Plan one dataset of ``num_pois`` POIs whose models' weights take ``weights_bytes``; ``datasets`` run at once."""
+    mode, reason = _mode(weights_bytes, sizing.mode)
+    groups = (
+        [tuple(range(len(weights_bytes)))] if mode is PoolMode.DATASET else [(i,) for i in range(len(weights_bytes))]
+    )
+    gpus = sizing.gpus_per_actor
+    use_gpus = (gpus is None and cluster.gpus > 0) or bool(gpus)
+    per_pool = _actors(sizing, num_pois * len(groups[0]), use_gpus, cluster, datasets * len(groups))
+    total = datasets * len(groups) * per_pool[0]
+    if gpus is None:
+        gpus = min(1.0, cluster.gpus / total) if cluster.gpus else 0.0
+    cpus = sizing.cpus_per_actor
+    if cpus is None:
+        cpus = max(0.01, min(1.0, math.floor(100 * ENCODER_CPU_SHARE * cluster.cpus / total) / 100))
+    pools = tuple(Pool(group, per_pool[0], per_pool[1], cpus, gpus) for group in groups)
+    return DatasetPlan(mode, pools, reason)
+
+
+def _mode(weights_bytes: list[int], asked: PoolMode) -> tuple[PoolMode, str]:
+    if asked is not PoolMode.AUTO:
+        return asked, f"--pools {asked.value}"
+    packed = sum(weights_bytes)
+    if len(weights_bytes) > 1 and packed > PACKED_WEIGHTS_BYTES:
+        return (
+            PoolMode.MODEL,
+            f"auto: the models' weights together take {packed / 2**30:.1f} GiB, too much for one actor",
+        )
+    return PoolMode.DATASET, "auto: the models fit in one actor"
+
+
+def _actors(sizing: PoolSizing, sid_rows: int, use_gpus: bool, cluster: ClusterShape, pools: int) -> tuple[int, int]:
+    """(min, max) actors per pool: the user's, else enough for the work, within the pool's share of the cluster."""
+    if sizing.min_actors is not None or sizing.max_actors is not None:
+        low = sizing.min_actors or 1
+        return low, max(low, sizing.max_actors or low)
+    if use_gpus:
+        share = max(1, math.floor(cluster.gpus / pools)) if cluster.gpus else 1
+        wanted = math.ceil(sid_rows / SID_ROWS_PER_GPU_ACTOR)
+    else:
+        share = max(1, math.floor(cluster.cpus / pools))
+        wanted = math.ceil(sid_rows / SID_ROWS_PER_ACTOR)
+    count = max(1, min(share, wanted))
+    return count, count

@@ -1,0 +1,185 @@
+"""Functional checks of the benchmark harness (``benchmarks/``): data generator, original replay, W2 baseline, sampler.
+
+No timing is asserted anywhere: the figures come from ``python -m benchmarks w1|w2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks import baseline, generate, original
+from benchmarks.compare import compare_files, output_file, product_csv_bytes, read_codes
+from benchmarks.measure import run_measured
+from rqvae_ray.core.checkpoint import load_checkpoint_file
+from rqvae_ray.core.encoder import Encoder
+from rqvae_ray.core.formatting import CSV_HEADER
+from rqvae_ray.core.rows import rows_from_table
+from rqvae_ray.inputs.demo import build_features
+from rqvae_ray.inputs.features import load_features
+from rqvae_ray.inputs.stores import LocalHub
+
+N = 3000
+SHARD_ROWS = 1200
+MODEL = generate.NYC_MODELS[0]
+REPO_DIR = "datasets/comp5331poi/nyc"
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def synthetic_hub(tmp_path_factory):
+    """N synthetic POIs in 3 Parquet shards, the dense .pt copy (for the original replay) and one fitted model."""
+    hub = tmp_path_factory.mktemp("bench") / "hub"
+    return generate.generate_hub(hub, N, pt=True, shard_rows=SHARD_ROWS, models=(MODEL,), fit_rows=N, progress=_quiet)
+
+
+def _shards(hub):
+    return sorted((hub / REPO_DIR / generate.FEATURES_DIR).glob("*.parquet"))
+
+
+def _product_codes(hub, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and vectors of the product's encoder over all shards, in Pid order."""
+    weights = load_checkpoint_file(hub / "models" / model_id / "rqvae_best.pt")
+    table = pa.concat_tables(pq.read_table(path) for path in _shards(hub))
+    return Encoder(weights).encode(rows_from_table(table))
+
+
+def test_generator_writes_a_valid_sharded_hub(synthetic_hub):
+    shards = _shards(synthetic_hub)
+    assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    tables = [pq.read_table(path) for path in shards]
+    assert [t.num_rows for t in tables] == [1200, 1200, 600]
+    for table in tables:
+        assert table.schema == pa.schema([("Pid", pa.int64()), ("indices", pa.list_(pa.int32()))])
+    table = pa.concat_tables(tables)
+    assert table.column("Pid").to_numpy().tolist() == list(range(1, N + 1))
+
+    indices = table.column("indices").combine_chunks()
+    offsets = indices.offsets.to_numpy()
+    flat = indices.flatten().to_numpy()
+    counts = np.diff(offsets)
+    assert counts.min() >= 3 and counts.max() <= 22
+    assert 10 < counts.mean() < 20  # the real NYC rows average about 15 nonzeros
+    assert flat.min() >= 0 and flat.max() < generate.TOTAL_DIM
+    for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
+        row = flat[start:stop]
+        assert (np.diff(row) > 0).all(), "column indices must be strictly ascending"
+        assert ((row >= 0) & (row < 209)).sum() == 1  # one category
+        assert ((row >= 209) & (row < 300)).sum() == 1  # one region
+        assert 1 <= ((row >= 300) & (row < 324)).sum() <= 10  # hours
+        assert (row >= 324).sum() <= 10  # users
+
+    meta = json.loads((synthetic_hub / REPO_DIR / "RQVAE Dataset/metadata.json").read_text())
+    _, demo_meta = build_features([1], [1], [[0]], [[1]], {"categories": 209, "regions": 91, "users": 1083})
+    assert meta == {**demo_meta, "num_pois": N}
+    assert meta["total_dim"] == 1407
+
+    with (synthetic_hub / REPO_DIR / "Intermediate Files/pid_mapping.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["Original_Pid", "Mapped_Pid"]
+        rows = list(reader)
+    assert [int(r["Mapped_Pid"]) for r in rows] == list(range(1, N + 1))
+    assert len({r["Original_Pid"] for r in rows}) == N
+
+    # The .pt copy holds the same rows, densified.
+    import torch
+
+    dense = torch.load(synthetic_hub / REPO_DIR / "RQVAE Dataset/poi_features.pt").numpy()
+    assert dense.shape == (N, 1407)
+    np.testing.assert_array_equal(dense, generate.densify(offsets, flat))
+
+    # The product accepts the dataset and the model.
+    features = load_features(LocalHub(synthetic_hub).dataset_files("comp5331poi", "nyc"))
+    assert (features.num_pois, features.dim) == (N, 1407)
+    assert load_checkpoint_file(synthetic_hub / "models" / MODEL / "rqvae_best.pt").input_dim == 1407
+
+
+def test_generator_dense_variant_holds_the_same_rows(tmp_path, synthetic_hub):
+    hub = generate.generate_hub(
+        tmp_path / "dense", SHARD_ROWS, dense=True, shard_rows=SHARD_ROWS, models=(), progress=_quiet
+    )
+    (shard,) = _shards(hub)
+    table = pq.read_table(shard)
+    assert table.schema == pa.schema([("Pid", pa.int64()), ("features", pa.list_(pa.float32(), 1407))])
+    sparse = pq.read_table(_shards(synthetic_hub)[0])  # same seed and shard size: the same rows
+    a, b = rows_from_table(table), rows_from_table(sparse)
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.values is None
+
+
+def test_original_replay_writes_the_original_csv(tmp_path, synthetic_hub):
+    path, rows = original.process_model(MODEL, synthetic_hub, tmp_path)
+    assert path == output_file(tmp_path, MODEL) and rows == N
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["Pid", "Codebook", "Vector"]
+        body = list(reader)
+    assert [int(r[0]) for r in body] == list(range(1, N + 1))
+    first_codes, first_vector = json.loads(body[0][1]), json.loads(body[0][2])
+    assert len(first_codes) == 3 and all(0 <= c < 32 for c in first_codes)
+    assert len(first_vector) == 64
+
+    pids, codes = read_codes(path)
+    product, _ = _product_codes(synthetic_hub, MODEL)
+    assert pids.tolist() == list(range(1, N + 1))
+    # float32 (original) against float64 (product): only exact near-ties may differ.
+    assert (codes == product).all(axis=1).mean() >= 0.999
+
+
+def test_baseline_matches_the_product_encoder(tmp_path, synthetic_hub):
+    (csv_path,) = baseline.run(synthetic_hub, tmp_path, [MODEL], "csv", batch_rows=1000, threads=1)
+    (parquet_path,) = baseline.run(synthetic_hub, tmp_path, [MODEL], "parquet", batch_rows=1000, threads=1)
+    codes, vectors = _product_codes(synthetic_hub, MODEL)
+    pids, csv_codes = read_codes(csv_path)
+    assert pids.tolist() == list(range(1, N + 1))
+    assert (csv_codes == codes).all(axis=1).mean() >= 0.999
+    np.testing.assert_array_equal(read_codes(parquet_path)[1], csv_codes)
+    table = pq.read_table(parquet_path)
+    assert table.column_names == ["Pid", "Codebook", "Vector"]
+    assert table.schema.field("Vector").type == pa.list_(pa.float32(), 64)
+    if (csv_codes == codes).all():
+        # Same codes: the product's CSV lines, byte for byte (Vector = sum of the float32 codewords).
+        expected = CSV_HEADER + product_csv_bytes(np.arange(1, N + 1), codes, vectors)
+        assert csv_path.read_bytes() == expected
+    comparison = compare_files(MODEL, csv_path, parquet_path)
+    assert comparison.rows == N and comparison.equal_rows == N and comparison.pids_equal
+
+
+def test_sampler_sums_the_process_tree(tmp_path):
+    child = (
+        "import subprocess, sys, time\n"
+        "grand = subprocess.Popen([sys.executable, '-c', 'b = b\\'x\\' * (96 << 20); import time; time.sleep(1.5)'])\n"
+        "a = b'x' * (64 << 20)\n"
+        "print('child up', flush=True)\n"
+        "grand.wait()\n"
+    )
+    measurement = run_measured([sys.executable, "-c", child], poll_s=0.1, pss_every=1)
+    assert measurement.returncode == 0
+    assert [line for _, line in measurement.lines] == ["child up"]
+    assert measurement.peak_processes >= 2
+    assert measurement.peak_rss >= (64 + 96) << 20
+    assert measurement.peak_pss is None or measurement.peak_pss >= (64 + 96) << 20
+    assert len(measurement.peak_breakdown) >= 2
+
+
+def test_read_codes_ignores_a_dedup_extra_code(tmp_path):
+    path = tmp_path / "codebooks-x.csv"
+    path.write_text('Pid,Codebook,Vector\n1,"[1, 2, 3]","[0.5]"\n2,"[1, 2, 3, 0]","[0.5]"\n3,"[4, 5, 6, 1]","[-0.0]"\n')
+    pids, codes = read_codes(path)
+    assert pids.tolist() == [1, 2, 3]
+    assert codes.tolist() == [[1, 2, 3], [1, 2, 3], [4, 5, 6]]
+    table = pa.table(
+        {"Pid": pa.array([1, 2], pa.int64()), "Codebook": pa.array([[7, 8, 9], [7, 8, 9, 0]], pa.list_(pa.int32()))}
+    )
+    pq.write_table(table, tmp_path / "codebooks-x.parquet")
+    assert read_codes(tmp_path / "codebooks-x.parquet")[1].tolist() == [[7, 8, 9], [7, 8, 9]]

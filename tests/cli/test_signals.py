@@ -1,0 +1,131 @@
+"""Stop signals: SIGTERM (what ``ray job stop`` sends) and SIGHUP stop a run as Ctrl-C does: one line, no partial
+file, the resume state kept, the summary JSON written, status 128 + the signal's number, and no process left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rqvae_ray.cli.app import _stop_signal
+from rqvae_ray.errors import StopSignal
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS
+from tests.conftest import REPO
+from tests.processes import group_members
+
+WAIT_S = 300.0
+
+
+class _Run:
+    """The CLI in a session of its own (the test signals it; its Ray processes share its process group), its output
+    in files so that it never blocks on a full pipe."""
+
+    def __init__(self, args: list[str], folder: Path) -> None:
+        self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rqvae_ray.run", *args],
+                cwd=REPO,
+                stdout=out,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
+
+    def wait_until(self, state: Callable[[], bool], what: str) -> None:
+        """Wait until ``state()`` holds while the run goes on; fail if the run ends first or it takes too long."""
+        deadline = time.monotonic() + WAIT_S
+        while not state():
+            assert time.monotonic() < deadline, f"no {what} within {WAIT_S:.0f} s: {self.output()}"
+            try:
+                self.proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            pytest.fail(f"the run ended (status {self.proc.returncode}) before {what}: {self.output()}")
+
+    def stop(self, signum: int) -> int:
+        """Send ``signum`` to the run, which must still be going, and wait for it to end; its status."""
+        assert self.proc.poll() is None, f"the run ended before it was signalled: {self.output()}"
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=120)
+
+    def output(self) -> str:
+        return self.stdout.read_text()[-2000:] + self.stderr.read_text()[-2000:]
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _hidden_files(out: Path) -> list[Path]:
+    """Resume states and partial files (their names start with a dot)."""
+    return [p for p in out.rglob(".*") if p.is_file()] if out.exists() else []
+
+
+def _stopped(run: _Run, summary: Path, out: Path, code: int, name: str) -> None:
+    """What every stopped run shows: its status, one line, the summary's exit reason, and no partial file."""
+    assert code == 128 + signal.Signals[name].value, run.output()
+    lines = [line for line in run.stderr.read_text().splitlines() if line.strip()]
+    assert lines == [f"error: stopped by {name}; finished outputs are kept, unfinished ones were not published"]
+    document = json.loads(summary.read_text())
+    assert (document["exit_code"], document["exit_reason"]) == (code, f"stopped by {name}")
+    assert not list(out.rglob("*.partial")), "a stopped run left partial files behind"
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(demo_hub, tmp_path, name):
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    args = ["--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "16"]
+    run = _Run([*args, "--summary-json", str(summary)], tmp_path)  # all 10 models: it runs for a while
+    try:
+        run.wait_until(lambda: bool(_hidden_files(out)), "resume state or partial file")
+        code = run.stop(signal.Signals[name])
+    finally:
+        run.kill_group()
+    _stopped(run, summary, out, code, name)
+    assert list(out.rglob(".*.resume.json")), "the resume state of the stopped run was not kept"
+
+
+def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path):
+    """What ``ray job stop`` does: Ray's core worker installs a SIGTERM handler that aborts the process, which the run
+    replaces with its own again once Ray is up."""
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    # One NYC model against four TKY models on more POIs: TKY is still being written when NYC is done.
+    models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]
+    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray", "--batch-size", "32"]
+    run = _Run([*args, "--summary-json", str(summary)], tmp_path)
+    try:
+        run.wait_until(lambda: "comp5331poi/nyc: 5135 POIs written" in run.stdout.read_text(), "NYC written")
+        code = run.stop(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (left := group_members(run.proc.pid)) and time.monotonic() < deadline:
+            psutil.wait_procs(left, timeout=0.5)
+    finally:
+        run.kill_group()
+    _stopped(run, summary, out, code, "SIGTERM")
+    assert not left, [p.cmdline()[:2] for p in left]
+
+
+@pytest.mark.parametrize(
+    ("exc", "signum"),
+    [
+        (StopSignal(signal.SIGTERM), signal.SIGTERM),
+        (StopSignal(signal.SIGHUP), signal.SIGHUP),
+        (KeyboardInterrupt(), signal.SIGINT),
+        (SystemExit(signal.SIGTERM), signal.SIGTERM),  # Ray's own SIGTERM handler, when Ray leaves it in place
+        (SystemExit(2), None),
+        (SystemExit(None), None),
+    ],
+)
+def test_the_signal_that_stopped_a_run(exc, signum):
+    assert _stop_signal(exc) == signum

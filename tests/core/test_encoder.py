@@ -1,0 +1,143 @@
+"""The encoder alone: exactness against the reference, batch invariance, input layouts, device choice."""
+
+import numpy as np
+import pytest
+import torch
+
+from rqvae_ray.core.checkpoint import load_checkpoint_file
+from rqvae_ray.core.encoder import Encoder, SparseRows, TorchEncoder, choose_device
+from rqvae_ray.core.rows import rows_from_table, sparse_table
+from tests.reference import reference_sids
+
+
+def _load(hub, dataset, model):
+    features = torch.load(hub / "datasets" / "comp5331poi" / dataset / "RQVAE Dataset" / "poi_features.pt").numpy()
+    path = hub / "models" / "comp5331poi" / model / "rqvae_best.pt"
+    return features, path
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model"),
+    [("nyc", "rqvae-nyc-div0.25-commit0.5-lr5e-5"), ("tky", "rqvae-tky-div0.5-commit0.25-lr5e-5")],
+)
+def test_exact_against_reference_and_batch_invariant(demo_hub, dataset, model):
+    features, path = _load(demo_hub, dataset, model)
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    before = {k: v.clone() for k, v in state.items()}
+    ref_codes, ref_vectors = reference_sids(state, features)
+    encoder = Encoder(load_checkpoint_file(path))
+    codes, vectors = encoder.encode(SparseRows.from_dense(features))
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_allclose(vectors, ref_vectors, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(vectors, ref_vectors)  # same codewords summed in the same float32 order
+    for batch in (1, 7, 300):
+        for start in range(0, 600, batch):
+            part, _ = encoder.encode(SparseRows.from_dense(features[start : start + batch]))
+            np.testing.assert_array_equal(part, codes[start : start + batch])
+    assert all(torch.equal(before[k], v) for k, v in state.items())
+
+
+def test_dense_values_and_table_round_trip(demo_hub):
+    features, path = _load(demo_hub, "nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    rng = np.random.default_rng(0)
+    weighted = features[:500] * rng.uniform(0.5, 2.0, size=features[:500].shape).astype(np.float32)
+    encoder = Encoder(load_checkpoint_file(path))
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    rows = SparseRows.from_dense(weighted)
+    assert rows.values is not None
+    codes, _ = encoder.encode(rows_from_table(sparse_table(rows)))
+    np.testing.assert_array_equal(codes, reference_sids(state, weighted)[0])
+    multi_hot = SparseRows.from_dense(features[:50])
+    assert multi_hot.values is None
+    back = rows_from_table(sparse_table(multi_hot))
+    np.testing.assert_array_equal(back.indptr, multi_hot.indptr)
+    np.testing.assert_array_equal(back.indices, multi_hot.indices)
+
+
+def test_rows_without_features(demo_hub):
+    """A POI with no nonzero feature (alone or among others) still gets the reference SID."""
+    features, path = _load(demo_hub, "nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    mixed = features[:20].copy()
+    mixed[[0, 7, 19]] = 0.0
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    ref_codes, ref_vectors = reference_sids(state, mixed)
+    encoder = Encoder(load_checkpoint_file(path))
+    for rows in (mixed, mixed[[7]], mixed[[0, 19]]):
+        codes, vectors = encoder.encode(SparseRows.from_dense(rows))
+        expected = reference_sids(state, rows)
+        np.testing.assert_array_equal(codes, expected[0])
+        np.testing.assert_array_equal(vectors, expected[1])
+    codes, vectors = encoder.encode(SparseRows.from_dense(mixed))
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(vectors, ref_vectors)
+
+
+def test_torch_path_matches_numpy_path(demo_hub):
+    """The CUDA actor's code path, run on the CPU device, gives the same SIDs."""
+    features, path = _load(demo_hub, "tky", "rqvae-tky-div0.0-commit0.25-lr5e-5")
+    weights = load_checkpoint_file(path)
+    rows = SparseRows.from_dense(features[:1500])
+    np_codes, np_vectors = Encoder(weights).encode(rows)
+    t_codes, t_vectors = TorchEncoder(weights, "cpu").encode(rows)
+    np.testing.assert_array_equal(np_codes, t_codes)
+    np.testing.assert_array_equal(np_vectors, t_vectors)
+
+
+@pytest.mark.parametrize(
+    ("gpu_ids", "cuda", "device"),
+    [([], False, "cpu"), ([], True, "cpu"), ([0], False, "cpu"), ([0], True, "cuda"), (["1"], True, "cuda")],
+)
+def test_device_choice(gpu_ids, cuda, device):
+    assert choose_device(gpu_ids, cuda) == device
+
+
+def test_column_outside_input_dimension(demo_hub):
+    _, path = _load(demo_hub, "nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    encoder = Encoder(load_checkpoint_file(path))
+    rows = SparseRows(np.array([0, 1]), np.array([encoder.weights.input_dim]), None)
+    with pytest.raises(ValueError, match="outside the model's input dimension"):
+        encoder.encode(rows)
+
+
+def test_ties_and_near_ties_go_to_the_exact_nearest_codeword():
+    """Rows far out on (or just off) the bisector of two codewords, where the matrix-product distances cannot tell
+    them apart, get the codeword with the smallest exact squared distance, the lower index on an exact tie,
+    whatever the batch."""
+    from rqvae_ray.core.checkpoint import Layer, ModelWeights
+
+    rng = np.random.default_rng(3)
+    dim = 4
+    first = rng.standard_normal((6, dim)).astype(np.float32)
+    second = rng.standard_normal((5, dim)).astype(np.float32)
+    identity = Layer(np.eye(dim), np.zeros(dim), relu=False)
+    weights = ModelWeights((identity,), (first, second), "published", "")
+    a, b = first[0].astype(np.float64), first[3].astype(np.float64)
+    normal = (b - a) / np.linalg.norm(b - a)
+    along = rng.standard_normal((300, dim))
+    along -= np.outer(along @ normal, normal)  # directions within the bisecting plane
+    offsets = rng.choice([0.0, 1.0, -1.0], 300) * np.geomspace(1e-12, 1e-3, 300)
+    latent = (a + b) / 2 + along * 1e5 + offsets[:, None] * normal
+    latent[:2] = (a + b) / 2  # exactly on the bisector and close to both
+    rows = SparseRows(
+        np.arange(0, latent.size + 1, dim, dtype=np.int64), np.tile(np.arange(dim), len(latent)), latent.ravel()
+    )
+
+    def exact(points: np.ndarray) -> np.ndarray:
+        codes = []
+        for point in points:
+            residual, row = point.copy(), []
+            for book in (first, second):
+                distances = [np.einsum("i,i->", residual - c, residual - c) for c in book.astype(np.float64)]
+                row.append(int(np.argmin(distances)))
+                residual -= book[row[-1]].astype(np.float64)
+            codes.append(row)
+        return np.array(codes)
+
+    want = exact(latent)
+    assert want[0, 0] == 0  # an exact tie: the lower index
+    assert {0, 3} <= set(want[:, 0].tolist())
+    codes, _ = Encoder(weights).encode(rows)
+    np.testing.assert_array_equal(codes, want)
+    for i in range(0, len(latent), 7):
+        one = SparseRows(np.array([0, dim]), np.arange(dim), latent[i])
+        np.testing.assert_array_equal(Encoder(weights).encode(one)[0][0], want[i])

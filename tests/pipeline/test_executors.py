@@ -1,0 +1,56 @@
+"""The executors: which one ``auto`` picks and why, and the same bytes from both."""
+
+from __future__ import annotations
+
+import pytest
+
+from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
+from rqvae_ray.inputs.stores import LocalHub
+from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS, choose_executor
+from rqvae_ray.pipeline.options import ExecutorMode, PoolSizing, RunOptions
+from rqvae_ray.pipeline.progress import Progress
+from rqvae_ray.runner import run_models
+
+
+def _options(**kwargs) -> RunOptions:
+    return RunOptions(hub=LocalHub("."), out_dir=".", **kwargs)
+
+
+def test_auto_picks_ray_for_a_cluster_gpus_or_a_large_job_and_this_process_otherwise(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_executor(_options(), None) is None  # the size decides: known once the datasets have loaded
+    mode, why = choose_executor(_options(), 130_350)
+    assert mode is ExecutorMode.LOCAL
+    assert why == "130,350 SID rows; a private Ray's start-up would cost more than the work; --executor ray to use it"
+    assert choose_executor(_options(), LOCAL_MAX_SID_ROWS + 1)[0] is ExecutorMode.RAY
+    assert choose_executor(_options(address="10.0.0.1:6379"), None) == (
+        ExecutorMode.RAY,
+        "the cluster at --address 10.0.0.1:6379",
+    )
+    assert choose_executor(_options(pools=PoolSizing(gpus_per_actor=0.5)), None)[0] is ExecutorMode.RAY
+    assert choose_executor(_options(executor=ExecutorMode.LOCAL), 10**12) == (ExecutorMode.LOCAL, "--executor local")
+    assert choose_executor(_options(executor=ExecutorMode.RAY), 1) == (ExecutorMode.RAY, "--executor ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what ray job submit sets
+    assert choose_executor(_options(), None) == (ExecutorMode.RAY, "the cluster at RAY_ADDRESS")
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.CSV, OutputFormat.PARQUET])
+def test_both_executors_write_the_same_bytes_with_dedup_tokens_and_exports(demo_hub, local_ray, tmp_path, fmt):
+    specs = parse_model_ids([DEFAULT_MODELS[0], DEFAULT_MODELS[1], DEFAULT_MODELS[6]])
+    output = OutputSpec(fmt, dedup=True, sid_tokens=True, exports=frozenset({Export.INDEX_JSON, Export.TENSOR}))
+    notes: dict[ExecutorMode, list[str]] = {}
+    for executor in (ExecutorMode.LOCAL, ExecutorMode.RAY):
+        notes[executor] = []
+        options = RunOptions(
+            hub=LocalHub(demo_hub), out_dir=str(tmp_path / executor.value), output=output, executor=executor
+        )
+        results = run_models(specs, options, Progress(notes[executor].append))
+        assert all(r.ok for r in results), [r.error for r in results]
+    assert notes[ExecutorMode.LOCAL][0] == "executor: in this process (--executor local)"
+    assert "executor: Ray (--executor ray)" in notes[ExecutorMode.RAY]
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    published = sorted(p.relative_to(local) for p in local.rglob("codebooks-*") if p.is_file())
+    assert len(published) == 3 * 4  # the codebooks file, the index, the tensor and the prefixes of each model
+    for rel in published:
+        assert (local / rel).read_bytes() == (ray / rel).read_bytes(), rel

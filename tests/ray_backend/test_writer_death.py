@@ -1,0 +1,60 @@
+"""The run's writer actor killed in the middle of a dataset: each of its models fails with one line that says to run
+the same command again."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
+from rqvae_ray.inputs.stores import LocalHub
+from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
+from rqvae_ray.runner import run_models
+
+
+def _writer_processes() -> list[psutil.Process]:
+    """This process's descendants (its own Ray's processes, never another Ray's) that run the writer actor."""
+    found = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and "WriterActor" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, local_ray, tmp_path):
+    specs = parse_model_ids([DEFAULT_MODELS[6]])  # a TKY model
+    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), executor=ExecutorMode.RAY, batch_size=16)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and not stop.is_set() and time.monotonic() < deadline:
+            for process in _writer_processes():
+                try:
+                    process.kill()
+                except psutil.Error:
+                    continue
+                killed.append(process.pid)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        (result,) = run_models(specs, options)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert killed, "no writer actor process was found to kill"
+    assert not result.ok
+    assert result.error == (
+        "comp5331poi/tky: the writer process ended unexpectedly (it was killed or crashed); run the same command "
+        "again: it resumes where this run stopped"
+    )
