@@ -186,10 +186,9 @@ def _shutdown_ray() -> None:
 def _local_ray_processes() -> dict[int, str]:
     """The processes of the local Ray this process started (its GCS, raylet, ... and their descendants, the workers),
     as pid -> start time (so that a pid reused later is never taken for one of them); none when Ray was joined."""
-    from ray._private import worker
+    from rqvae_ray.ray_backend import compat
 
-    node = worker._global_node
-    roots = {info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos}
+    roots = compat.local_node_pids()
     children: dict[int, list[int]] = {}
     for pid in _process_ids():
         parent = _stat_field(pid, 3)

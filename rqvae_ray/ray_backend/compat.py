@@ -30,3 +30,12 @@ def block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:
     for bundle in ds.iter_internal_ref_bundles():
         for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
             yield entry.ref, (part.start_offset, part.end_offset) if part is not None else None
+
+
+def local_node_pids() -> set[int]:
+    """The processes (GCS, raylet, agents, ...) of the local Ray node this process started; none when it joined a
+    cluster (``ray._private.worker._global_node.all_processes``: private, Ray 2.4x-2.60)."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return {info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos}
