@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from rqvae_ray.core.processes import stat_field
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -130,9 +132,7 @@ def owner_gone(owner: str) -> bool:
 
 def _zombie(pid: int) -> bool:
     """Whether ``pid`` has ended but is not yet reaped by its parent (signal 0 still reaches such a process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # reaped meanwhile (gone), or no /proc to tell (taken as alive, as signal 0 said)
+    state = stat_field(pid, 2)
+    if state is None:  # reaped meanwhile (gone), or no /proc to tell (taken as alive, as signal 0 said)
         return Path("/proc/self").exists()
-    # The state follows the command name, which is in parentheses and may itself hold spaces or parentheses.
-    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] == "Z"
+    return state == "Z"

@@ -12,8 +12,8 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from pathlib import Path
 
+from rqvae_ray.core.processes import process_ids, stat_field
 from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
 
 BLOCK_BYTES = 4 << 20
@@ -190,42 +190,24 @@ def _local_ray_processes() -> dict[int, str]:
 
     roots = compat.local_node_pids()
     children: dict[int, list[int]] = {}
-    for pid in _process_ids():
-        parent = _stat_field(pid, 3)
+    for pid in process_ids():
+        parent = stat_field(pid, 3)
         if parent is not None:
             children.setdefault(int(parent), []).append(pid)
     found: dict[int, str] = {}
     todo = list(roots)
     while todo:
         pid = todo.pop()
-        start = _stat_field(pid, 21)
+        start = stat_field(pid, 21)
         if pid not in found and start is not None:
             found[pid] = start
             todo.extend(children.get(pid, []))
     return found
 
 
-def _process_ids() -> list[int]:
-    try:
-        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:  # no /proc (not Linux): nothing to follow beyond ray.shutdown()
-        return []
-
-
-def _stat_field(pid: int, index: int) -> str | None:
-    """Field ``index`` (0-based, as in proc(5) minus one) of /proc/<pid>/stat; None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 1) is in parentheses and may itself hold spaces or parentheses.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[index - 2] if len(fields) > index - 2 else None
-
-
 def _alive(processes: dict[int, str]) -> list[int]:
     """Those of ``processes`` still running: the same process (same start time), and not a zombie."""
-    return [pid for pid, start in processes.items() if _stat_field(pid, 21) == start and _stat_field(pid, 2) != "Z"]
+    return [pid for pid, start in processes.items() if stat_field(pid, 21) == start and stat_field(pid, 2) != "Z"]
 
 
 def _wait_gone(processes: dict[int, str], within_s: float) -> bool:
