@@ -34,7 +34,7 @@ from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
 from rqvae_ray.pipeline.progress import Progress, Quiet
 from rqvae_ray.runner import run_models
 from tests.conftest import REPO, run_cli
-from tests.processes import group_members
+from tests.processes import descendants_running, group_empty_within, group_members
 from tests.writing import csv_name
 
 N = 300
@@ -302,13 +302,13 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_an
     if sig == signal.SIGINT:
         assert proc.returncode == 130, output[-2000:]
         # Ray is shut down before the driver exits: none of the run's processes (its process group) lives on.
-        assert _group_empty_within(proc.pid, 20), [p.cmdline()[:2] for p in group_members(proc.pid)]
+        assert group_empty_within(proc.pid, 20), [p.cmdline()[:2] for p in group_members(proc.pid)]
         assert not list(out.rglob("*.partial")), "an interrupted run left partial files behind"
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    assert _group_empty_within(proc.pid, 60)
+    assert group_empty_within(proc.pid, 60)
     _assert_complete(out)
     assert not [p for p in _visible_files(out) if "tky" in p.parts], "a TKY output was published before it was complete"
     again = run_cli(*INTERRUPTED_MODELS, "--hub-dir", str(hub), "--out-dir", str(out))
@@ -317,33 +317,6 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_an
         rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / csv_name(spec)
         assert (out / rel).read_bytes() == (reference / rel).read_bytes()
     assert not [p.name for p in out.rglob(".*") if p.is_file()], "the completed run left partial files or resume state"
-
-
-def _group_empty_within(pgid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while group_members(pgid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
-
-
-def _descendants_running(root_pid: int, marker: str) -> list:
-    """Live descendants of `root_pid` whose command line contains `marker` (zombies and vanished ones skipped)."""
-    import psutil
-
-    found = []
-    try:
-        children = psutil.Process(root_pid).children(recursive=True)
-    except psutil.Error:
-        return found
-    for process in children:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE and marker in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
 
 
 def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path):
@@ -357,7 +330,7 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
             # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
-            for process in _descendants_running(os.getpid(), "EncodeModels"):
+            for process in descendants_running(os.getpid(), "EncodeModels"):
                 time.sleep(0.5)
                 try:
                     process.kill()
@@ -388,7 +361,7 @@ def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(dem
         for line in proc.stdout:
             if "comp5331poi/nyc: 5135 POIs written" in line:
                 break
-        gcs = _descendants_running(proc.pid, "gcs_server")
+        gcs = descendants_running(proc.pid, "gcs_server")
         assert gcs, "the run's own GCS process was not found"
         for process in gcs:
             process.kill()
@@ -526,7 +499,7 @@ def test_a_killed_run_resumes_where_it_stopped_to_the_same_bytes(demo_hub, tmp_p
         proc.wait(timeout=60)
     assert 0 < kept < pois, f"the run was not caught in the middle: {''.join(lines)[-2000:]}"
     # The next run resumes only from state whose writer has ended: wait for the killed run's processes to be gone.
-    assert _group_empty_within(proc.pid, 60), [p.cmdline()[:2] for p in group_members(proc.pid)]
+    assert group_empty_within(proc.pid, 60), [p.cmdline()[:2] for p in group_members(proc.pid)]
     again = run_cli(*args)  # another batch size: the blocks differ, the bytes must not
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = re.search(r"resuming an interrupted run: (\d+) POIs kept", again.stdout)

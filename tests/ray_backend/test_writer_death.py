@@ -13,18 +13,7 @@ from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
 from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
 from rqvae_ray.runner import run_models
-
-
-def _writer_processes() -> list[psutil.Process]:
-    """This process's descendants (its own Ray's processes, never another Ray's) that run the writer actor."""
-    found = []
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE and "WriterActor" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
+from tests.processes import descendants_running
 
 
 def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, local_ray, tmp_path):
@@ -36,7 +25,7 @@ def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, loca
     def killer() -> None:
         deadline = time.monotonic() + 120
         while not killed and not stop.is_set() and time.monotonic() < deadline:
-            for process in _writer_processes():
+            for process in descendants_running(os.getpid(), "WriterActor"):
                 try:
                     process.kill()
                 except psutil.Error:
