@@ -8,6 +8,7 @@ same stage and the same writer make the same bytes; a failure of one model or da
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -111,9 +112,21 @@ def run_datasets(
     started: Future = Future()
     sizes = [Future() for _ in groups]
     pool = ThreadPoolExecutor(max_workers=len(groups))
+    streams: dict[int, DatasetStream] = {}  # each dataset's stream, once it has one
     futures = [
-        pool.submit(_run_dataset, f"{org}/{dataset}", group, options, progress, len(groups), cancel, size, started)
-        for ((org, dataset), group), size in zip(groups.items(), sizes, strict=True)
+        pool.submit(
+            _run_dataset,
+            f"{org}/{dataset}",
+            group,
+            options,
+            progress,
+            len(groups),
+            cancel,
+            size,
+            started,
+            functools.partial(streams.__setitem__, index),
+        )
+        for index, (((org, dataset), group), size) in enumerate(zip(groups.items(), sizes, strict=True))
     ]
     executor = None
     try:
@@ -130,11 +143,15 @@ def run_datasets(
         started.set_result(executor)
         executor.wait(futures)
         by_id = {r.model_id: r for f in futures for r in f.result()}
-    except BaseException:
+    except BaseException as exc:
         cancel.set()
         # Each dataset stops at its next block and drops its unfinished files; a dataset stuck in a call to the
-        # executor (a lost cluster, say) is not waited for long.
-        wait(futures, timeout=CANCEL_WAIT_S)
+        # executor (waiting for its first block, or a lost cluster) is not waited for long.
+        stuck = wait(futures, timeout=CANCEL_WAIT_S).not_done
+        if isinstance(exc, KeyboardInterrupt):  # the executor still answers: a stuck dataset's files are dropped here
+            for index, stream in list(streams.items()):
+                if futures[index] in stuck:
+                    stream.abort(keep_resume=True)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -151,6 +168,7 @@ def _run_dataset(
     cancel: threading.Event,
     size: Future,
     started: Future,
+    opened: Callable[[DatasetStream], None],
 ) -> list[ModelResult]:
     """Run every model of one dataset; never raises for model or dataset problems."""
     begun = time.monotonic()
@@ -166,6 +184,7 @@ def _run_dataset(
     results = loaded.results
     if loaded.ready or loaded.as_is:
         stream = started.result().dataset(datasets)
+        opened(stream)
         for result in run_dataset(loaded, options, progress, cancel, stream):
             results[result.model_id] = result
     elapsed = time.monotonic() - begun
