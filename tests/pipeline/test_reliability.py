@@ -274,6 +274,15 @@ def nyc_and_long_tky(demo_hub, tmp_path_factory) -> tuple[Path, Path]:
     return hub, reference
 
 
+def _published(path: Path) -> bool:
+    """Whether ``path`` is in place and entered in its folder's manifest (written after the files are renamed)."""
+    manifest = path.parent / "rqvae_ray-manifest.json"
+    try:
+        return path.is_file() and path.name in json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError):
+        return False
+
+
 @pytest.mark.parametrize(
     ("sig", "executor"), [(signal.SIGKILL, "local"), (signal.SIGINT, "local"), (signal.SIGINT, "ray")]
 )
@@ -289,7 +298,7 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_an
     # Interrupted once NYC is published and TKY (eight times NYC's work) is being written: states, not timing.
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if nyc_file.is_file() and tky.is_dir() and list(tky.glob(".codebooks-*.resume.json")):
+        if _published(nyc_file) and tky.is_dir() and list(tky.glob(".codebooks-*.resume.json")):
             break
         time.sleep(0.1)
     assert proc.poll() is None, f"the run ended before it was interrupted: {''.join(lines)[-2000:]}"
