@@ -33,7 +33,7 @@ def run_models(specs: list[ModelSpec], options: RunOptions, progress: Progress |
 
         progress.note(f"executor: Ray ({why})")
         _ray_started.set()
-        return RayExecutor(options.address)
+        return RayExecutor(options.address, options.output.fmt)
 
     return run_datasets(specs, options, progress, pick)
 

@@ -42,12 +42,26 @@ def use_hub(monkeypatch: pytest.MonkeyPatch, url: str, cache: Path, token: str) 
     monkeypatch.setenv("HF_TOKEN", token)
 
 
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the session's own base folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def demo_hub(tmp_path_factory) -> Path:
-    """The demo hub (real NYC + TKY-shaped data, 10 published-layout checkpoints), built once per session."""
+    """The demo hub (real NYC + TKY-shaped data, 10 published-layout checkpoints), built once per session: the
+    first worker to need it builds it, the others wait for it (it appears atomically) and only read it."""
+    from filelock import FileLock
+
     from rqvae_ray.inputs.demo import build_demo_hub
 
-    return build_demo_hub(tmp_path_factory.mktemp("hub") / "hub", progress=lambda _: None)
+    root = shared_root(tmp_path_factory)
+    hub = root / "demo_hub"
+    with FileLock(root / "demo_hub.lock"):
+        if not hub.is_dir():
+            build_demo_hub(hub, progress=lambda _: None)
+    return hub
 
 
 @pytest.fixture(scope="session")

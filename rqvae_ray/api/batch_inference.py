@@ -8,8 +8,10 @@ raising; unlike it, SIDs never depend on batch order or size, and every call ret
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+from rqvae_ray.core.presets import variable_length_warning
 from rqvae_ray.errors import InvalidModelIdError, RqvaeRayError
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, parse_model_id
 from rqvae_ray.pipeline.options import check_setup, make_options
@@ -46,7 +48,8 @@ class BatchInferenceProcessor:
     The keyword options are those of the command line, checked as it checks them (see
     :func:`~rqvae_ray.pipeline.options.make_options`): ``fmt`` ("csv"/"parquet"), ``dedup``, ``fixed_length``,
     ``sid_tokens``, ``exports`` (names such as ``["index-json", "tensor"]``, or one comma-separated string),
-    ``keep_existing``, ``executor`` ("auto"/"local"/"ray"), ``pools`` ("auto"/"dataset"/"model"), ``batch_size``,
+    ``for_`` (trainers' presets such as ``["lc-rec", "grid"]``, or one comma-separated string), ``keep_existing``,
+    ``max_per_sid``, ``executor`` ("auto"/"local"/"ray"), ``pools`` ("auto"/"dataset"/"model"), ``batch_size``,
     ``actors_per_pool``, ``min_actors``, ``max_actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``actor_wait_s``,
     ``address``, ``revision``, ``dataset_revision``, ``force``, ``upload_retries``. Contradictory options raise
     :class:`~rqvae_ray.errors.OutputError`.
@@ -73,6 +76,9 @@ class BatchInferenceProcessor:
             base_folder=base_folder or os.getenv("HF_LLM_DATASET_DIR", "LLM Dataset"),
             **options,
         )
+        output = self.options.output
+        if warning := variable_length_warning(frozenset(e.value for e in output.exports), output.fixed_length):
+            warnings.warn(warning, stacklevel=2)
 
     def run(self, specs: list[ModelSpec]) -> list[ModelResult]:
         """Run parsed models; raises an :class:`~rqvae_ray.errors.RqvaeRayError` for problems found before inference."""

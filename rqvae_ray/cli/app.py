@@ -18,6 +18,7 @@ from rqvae_ray.cli.console import LOG_DIR, LiveProgress, RunConsole, make_progre
 from rqvae_ray.cli.flags import HelpFlag, flag
 from rqvae_ray.cli.summary import table_text, write_summary_json
 from rqvae_ray.core.contract import OutputFormat
+from rqvae_ray.core.presets import presets_help, variable_length_warning
 from rqvae_ray.errors import RayConnectionLost, RqvaeRayError, StopSignal, reason_of
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS
@@ -125,6 +126,16 @@ def run(
             "levels x POIs); with --dedup or any export, .prefixes.json (codes allowed after each SID prefix) too.",
         ),
     ] = None,
+    for_: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            metavar="NAME[,NAME...]",
+            help="Write what these trainers' own loaders read, beside each codebooks file (dedup on; a code on every "
+            "POI where one decodes a fixed number of codes); an option that contradicts one is refused. "
+            + presets_help(),
+        ),
+    ] = None,
     keep_existing: Annotated[
         bool,
         flag(
@@ -132,6 +143,17 @@ def run(
             "Keep every POI of the published codebooks file with its codes; encode only the POIs added after it.",
         ),
     ] = False,
+    max_per_sid: Annotated[
+        int | None,
+        typer.Option(
+            "--max-per-sid",
+            metavar="K",
+            help="At most K POIs keep one SID: in a fuller SID those farthest from their last codeword (then the "
+            "higher Pids) move, nearest first, to the nearest last-level codeword under the same prefix whose SID "
+            "has room (a level up when none has); decided once every SID is counted, before --dedup. The table and "
+            "the quality report give the POIs moved and their extra squared distance.",
+        ),
+    ] = None,
     actor_wait_s: Annotated[
         float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
     ] = 600.0,
@@ -178,7 +200,9 @@ def run(
                 fixed_length=fixed_length,
                 sid_tokens=sid_tokens,
                 exports=export or "",
+                for_=for_ or "",
                 keep_existing=keep_existing,
+                max_per_sid=max_per_sid,
                 force=force,
                 executor=executor,
                 pools=pools,
@@ -192,6 +216,9 @@ def run(
                 address=address,
                 upload_retries=upload_retries,
             )
+            exported = frozenset(e.value for e in options.output.exports)
+            if warning := variable_length_warning(exported, options.output.fixed_length):
+                console.warn(warning)
             check_setup(options)
         except RqvaeRayError as exc:
             console.error(str(exc))

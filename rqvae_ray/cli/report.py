@@ -110,6 +110,9 @@ def quality_table(reports: dict[str, dict]) -> str:
     header = ["model", "POIs", "unique SIDs", "collided", "largest", "POIs collided"]
     header += [f"L{i} used/K" for i in range(1, levels + 1)] + [f"L{i} ppl" for i in range(1, levels + 1)]
     header += [f"share p{i}" for i in range(1, levels + 1)]
+    capped = any("cap" in summary for summary in reports.values())
+    if capped:
+        header += ["max/SID", "moved", "extra dist"]
     rows = [header]
     for model, summary in reports.items():
         row = [model, *(f"{summary[k]:,}" for k in ("pois", "unique_sids", "collided_buckets", "largest_bucket"))]
@@ -119,6 +122,8 @@ def quality_table(reports: dict[str, dict]) -> str:
         shared = [f"{summary['pois_sharing_prefix'].get(str(i), 0):,}" for i in range(1, len(summary["levels"]) + 1)]
         for values in (used, perplexity, shared):
             row += values + [""] * (levels - len(values))
+        if capped:
+            row += _cap_cells(summary.get("cap"))
         rows.append(row)
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     aligned = (
@@ -131,7 +136,19 @@ def quality_table(reports: dict[str, dict]) -> str:
         "Lk used/K: codewords of level k used; Lk ppl: perplexity of level k usage (at most K); "
         "share pk: POIs whose first k codes equal another POI's"
     )
+    if capped:
+        legend += (
+            "; max/SID: --max-per-sid; moved: POIs it moved to another SID; extra dist: the mean increase of a moved "
+            "POI's squared quantization error |z - q|^2"
+        )
     return "\n".join([*lines, "", legend])
+
+
+def _cap_cells(cap: dict | None) -> list[str]:
+    """The cap's cells of a model's row (empty without a cap)."""
+    if not cap:
+        return ["", "", ""]
+    return [str(cap["max_per_sid"]), f"{cap['moved_pois']:,}", f"{cap['extra_distance_mean']:.4g}"]
 
 
 def draw_quality_png(path: str | Path, reports: dict[str, dict]) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from rqvae_ray import __version__
@@ -19,6 +20,8 @@ COLUMNS = {
     "rows": "rows",
     "unique_sids": "unique SIDs",
     "pois_sharing_an_sid": "POIs sharing an SID",
+    "moved_pois": "moved",
+    "extra_distance": "extra dist",
     "encode_s": "encode s",
     "dataset_s": "dataset s",
     "output": "output / reason",
@@ -27,6 +30,11 @@ LEGEND = (
     "encode s: the time this model's encoder took, summed over its actors or threads; dataset s: the wall time of the "
     "model's whole dataset (loading, the executor's start-up, encoding all its models, writing, uploading)"
 )
+CAP_LEGEND = (
+    "moved: POIs that --max-per-sid moved to another SID; extra dist: the mean increase of a moved POI's squared "
+    "quantization error |z - q|^2"
+)
+CAP_KEYS = ("moved_pois", "extra_distance")
 
 
 def _shown_path(path: str, cwd: Path) -> str:
@@ -47,6 +55,7 @@ def summary_rows(results: Sequence[ModelResult], cwd: Path | None = None) -> lis
             output = _shown_path(r.path, cwd) if r.path else f"uploaded @ {r.commit}"
         else:
             output = r.error
+        cap = r.quality.get("cap") if r.ok else None
         rows.append(
             {
                 "model": r.model_id,
@@ -55,6 +64,8 @@ def summary_rows(results: Sequence[ModelResult], cwd: Path | None = None) -> lis
                 "rows": r.rows if r.ok else None,
                 "unique_sids": r.unique_sids if r.ok else None,
                 "pois_sharing_an_sid": r.shared_pois if r.ok else None,
+                "moved_pois": cap["moved_pois"] if cap else None,
+                "extra_distance": cap["extra_distance_mean"] if cap else None,
                 "encode_s": round(r.encode_seconds, 2) if done else None,
                 "dataset_s": round(r.dataset_seconds, 2) if r.dataset else None,
                 "output": output,
@@ -66,17 +77,22 @@ def summary_rows(results: Sequence[ModelResult], cwd: Path | None = None) -> lis
 def table_text(results: Sequence[ModelResult], cwd: Path | None = None) -> str:
     """The summary as a plain-text table (aligned columns), with a legend."""
     rows = summary_rows(results, cwd)
-    cells = [list(COLUMNS.values())]
+    capped = any(row[key] is not None for row in rows for key in CAP_KEYS)
+    shown = [key for key in COLUMNS if capped or key not in CAP_KEYS]
+    cells = [[COLUMNS[key] for key in shown]]
     for row in rows:
-        cells.append(
-            [
-                "-" if row[key] is None else (f"{row[key]:.1f}" if key.endswith("_s") else str(row[key]))
-                for key in COLUMNS
-            ]
-        )
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS) - 1)]
+        cells.append([_cell(key, row[key]) for key in shown])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(shown) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), line[-1]]) for line in cells]
-    return "\n".join([*lines, "", LEGEND])
+    return "\n".join([*lines, "", LEGEND, *([CAP_LEGEND] if capped else [])])
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_s"):
+        return f"{value:.1f}"
+    return f"{value:.4g}" if key == "extra_distance" else str(value)
 
 
 def results_frame(results: Sequence[ModelResult]):
@@ -90,7 +106,13 @@ def results_frame(results: Sequence[ModelResult]):
 def write_summary_json(path: Path, results: Sequence[ModelResult], exit_code: int, reason: str, log: str) -> Path:
     """``--summary-json``: the table, each model's SID quality figures, the exit status and its reason."""
     models = [
-        {**row, "sha256": r.sha256 or None, "commit": r.commit or None, "quality": r.quality or None}
+        {
+            **row,
+            "sha256": r.sha256 or None,
+            "commit": r.commit or None,
+            "quality": r.quality or None,
+            "exports": [asdict(record) for record in r.exports],
+        }
         for row, r in zip(summary_rows(results), results, strict=True)
     ]
     document = {

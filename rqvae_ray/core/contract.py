@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray.core.checkpoint import ModelWeights
+from rqvae_ray.core.choices import parse_choices
 from rqvae_ray.core.formatting import SidText, csv_lines, csv_parts, sid_tokens
+from rqvae_ray.core.presets import CONVENTIONS, Preset, PresetFile
 from rqvae_ray.core.sid_stats import sid_array, sid_layout
 from rqvae_ray.errors import OutputError
 
@@ -45,18 +47,14 @@ class Export(str, Enum):
     @classmethod
     def parse(cls, text: str) -> frozenset[Export]:
         """The exports named in a comma-separated list such as ``index-json,tensor``."""
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        known = {export.value: export for export in cls}
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise OutputError(f"--export {unknown[0]!r} is not an export; choose from {', '.join(known)}")
-        return frozenset(known[name] for name in names)
+        return parse_choices(cls, text, "--export", "an export")
 
 
 @dataclass(frozen=True)
 class OutputSpec:
     """What every model's output holds: the format, dedup codes (``fixed_length``: on every POI), the SID token
-    column, the files exported beside it, and whether the rows of an existing file are kept (``keep_existing``)."""
+    column, the files exported beside it, whether the rows of an existing file are kept (``keep_existing``), and the
+    trainers' presets whose files are written too (already applied to the other fields by ``make_options``)."""
 
     fmt: OutputFormat = OutputFormat.CSV
     dedup: bool = False
@@ -64,10 +62,17 @@ class OutputSpec:
     fixed_length: bool = False
     exports: frozenset[Export] = frozenset()
     keep_existing: bool = False
+    presets: frozenset[Preset] = frozenset()
+    max_per_sid: int | None = None  # at most this many POIs keep one SID (see rqvae_ray.core.sid_cap); None: no cap
 
     def __post_init__(self) -> None:
         if self.fixed_length and not self.dedup:
             raise OutputError("--fixed-length gives every POI a dedup code, so it needs --dedup; add --dedup")
+        if self.max_per_sid is not None and self.max_per_sid < 1:
+            raise OutputError(
+                f"--max-per-sid {self.max_per_sid}: at most K POIs keep one SID, so K must be 1 or more; give a K "
+                "of 1 or more, or leave the option out"
+            )
 
     @property
     def text_parts(self) -> bool:
@@ -82,6 +87,17 @@ class OutputSpec:
         if self.dedup or wanted:
             wanted.add(Export.PREFIXES)
         return tuple(export for export in Export if export in wanted)
+
+    @property
+    def preset_files(self) -> tuple[PresetFile, ...]:
+        """The files written for the presets, in a fixed order (a file two presets read is written once)."""
+        wanted = {file for preset in self.presets for file in CONVENTIONS[preset].files}
+        return tuple(file for file in PresetFile if file in wanted)
+
+    @property
+    def written_kinds(self) -> list[str]:
+        """The kinds of every file written beside the codebooks file, as its manifest entry records them."""
+        return [export.value for export in self.exported] + [file.value for file in self.preset_files]
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,7 @@ class EncodedColumns:
     head: pa.Array | None = None
     tail: pa.Array | None = None
     tokens: pa.Array | None = None
+    latent: pa.Array | None = None  # with --max-per-sid: z (float64 [latent]), for the POIs that move
 
 
 _PARTS = tuple(part.name for part in fields(EncodedColumns))

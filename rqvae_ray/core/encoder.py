@@ -21,6 +21,7 @@ CPU work uses numpy only (no torch import in CPU actors); :class:`TorchEncoder` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,11 @@ class Encoder:
 
     def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
+        codes, _latent = self.encode_latent(rows)
+        return codes, self.vectors(codes)
+
+    def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``codes`` int32 [n, levels] and the encoder's output ``z`` float64 [n, latent]."""
         self._check_columns(rows)
         cols, vals = rows.padded()
         latent = np.empty((rows.num_rows, self.weights.latent_dim), dtype=np.float64)
@@ -121,8 +127,7 @@ class Encoder:
             hidden = self._first_layer(cols[block], None if vals is None else vals[block])
             latent[block] = self._dense_layers(hidden)
         # The quantizer decides each row on its own (see the module docstring), so it takes the whole batch at once.
-        codes = self._quantize(latent)
-        return codes, self.vectors(codes)
+        return self._quantize(latent), latent
 
     def _check_columns(self, rows: SparseRows) -> None:
         if len(rows.indices) and (rows.indices.min() < 0 or rows.indices.max() >= self.weights.input_dim):
@@ -196,17 +201,20 @@ class TorchEncoder(Encoder):
         self._t_layers = [(as_tensor(layer.weight.T), as_tensor(layer.bias), layer.relu) for layer in weights.layers]
         self._t_codebooks = [as_tensor(book) for book in self._codebooks64]
 
-    def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
+    def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``codes`` int32 [n, levels] and the encoder's output ``z`` float64 [n, latent]."""
         self._check_columns(rows)
         n = rows.num_rows
         codes = np.empty((n, len(self.weights.codebooks)), dtype=np.int32)
+        latent = np.empty((n, self.weights.latent_dim), dtype=np.float64)
         if n:
             hidden = self._device_first_layer(rows)
             for start in range(0, n, BLOCK_ROWS):
                 block = slice(start, start + BLOCK_ROWS)
-                codes[block] = self._quantize(self._dense_layers(hidden[block]))
-        return codes, self.vectors(codes)
+                dense = self._dense_layers(hidden[block])
+                codes[block] = self._quantize(dense)
+                latent[block] = dense.cpu().numpy()
+        return codes, latent
 
     def _device_first_layer(self, rows: SparseRows):
         torch = self._torch
@@ -264,3 +272,8 @@ def make_encoder(weights: ModelWeights, use_gpu: bool = False) -> Encoder:
 
     device = choose_device(use_gpu, torch.cuda.is_available())
     return TorchEncoder(weights, device) if device == "cuda" else Encoder(weights)
+
+
+# What builds each model's encoder in an encode stage: ``make_encoder``, or a benchmark's stand-in. Ray pickles it into
+# the encoder actors, so it is a module-level function or a picklable object.
+EncoderFactory = Callable[[ModelWeights, bool], Encoder]

@@ -149,6 +149,20 @@ class SidCounter:
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             self._sparse[value] = self._sparse.get(value, 0) + count
 
+    def remove(self, packed: np.ndarray) -> None:
+        """Uncount POIs counted before (they leave their SIDs)."""
+        self.rows -= len(packed)
+        if self._dense is not None:
+            np.subtract.at(self._dense, packed, 1)
+            return
+        values, counts = np.unique(packed, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            left = self._sparse[value] - count
+            if left:
+                self._sparse[value] = left
+            else:
+                del self._sparse[value]
+
     def count_of(self, packed: np.ndarray) -> np.ndarray:
         """How many POIs share each given SID."""
         if self._dense is not None:

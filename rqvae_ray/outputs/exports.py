@@ -8,10 +8,14 @@
 * ``codebooks-<model>.prefixes.json``: for each proper prefix of every SID (the dedup code is the last level), keyed
   by its codes joined with commas, the sorted codes that may follow it; built from the SID counts when the file is
   complete, so memory is bounded by the number of distinct SIDs.
+
+and the files written for ``--for`` presets (:class:`~rqvae_ray.core.presets.PresetFile`), streamed the same way:
+the item-to-token map keyed by 0-based item ids, TIGER's ``[N, levels + 1]`` tensor and GNPR-SID V2's CSV.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rqvae_ray.core.contract import Export, OutputSpec
-from rqvae_ray.core.formatting import index_json_entries, int_strings, joined_rows, string_bytes
-from rqvae_ray.core.sid_stats import SidCounter, unpack_codes
-from rqvae_ray.outputs.layout import export_filename
+from rqvae_ray.core.contract import Export, OutputSpec, csv_text
+from rqvae_ray.core.encoder import codeword_sums
+from rqvae_ray.core.formatting import csv_lines, index_json_entries, int_strings, joined_rows, string_bytes
+from rqvae_ray.core.presets import PresetFile
+from rqvae_ray.core.sid_stats import SidCounter, sid_layout, unpack_codes
+from rqvae_ray.outputs.layout import export_filename, preset_filename
 from rqvae_ray.outputs.staging import HashingFile, partial_path
 
 # SIDs per piece of the prefixes file's dedup level (each lists its codes 0..k-1).
@@ -35,8 +41,8 @@ class _Exported:
     # Whether it is made from the rows' codes as they arrive (else at close, from the SID counts alone).
     TAKES_ROWS = False
 
-    def __init__(self, export: Export, final: Path) -> None:
-        self.export = export
+    def __init__(self, export: Export | PresetFile, final: Path) -> None:
+        self.export = export  # its kind, as the manifest records it
         self.final = final
         self.partial = partial_path(final)
         self.handle = HashingFile(self.partial)
@@ -59,7 +65,7 @@ class _Exported:
 class _JsonMap(_Exported):
     """A JSON object written entry by entry, one per line."""
 
-    def __init__(self, export: Export, final: Path) -> None:
+    def __init__(self, export: Export | PresetFile, final: Path) -> None:
         super().__init__(export, final)
         self.handle.write(b"{")
         self._separator = b"\n"
@@ -77,39 +83,75 @@ class _JsonMap(_Exported):
 
 
 class _IndexJson(_JsonMap):
+    """Keyed by Pid, or by the 0-based item id Pid - 1 (``first_id`` 0)."""
+
     TAKES_ROWS = True
 
+    def __init__(self, export: Export | PresetFile, final: Path, first_id: int = 1) -> None:
+        super().__init__(export, final)
+        self.shift = 1 - first_id
+
     def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
-        self.write_entries(index_json_entries(pids, codes))
+        self.write_entries(index_json_entries(pids - self.shift, codes))
 
 
 class _SidTensor(_Exported):
+    """``[levels, N]`` (column i is Pid i+1), or ``[N, levels]`` (row i) with ``items_first``."""
+
     TAKES_ROWS = True
 
-    def __init__(self, export: Export, final: Path, levels: int, num_pois: int) -> None:
+    def __init__(
+        self, export: Export | PresetFile, final: Path, levels: int, num_pois: int, items_first: bool = False
+    ) -> None:
         super().__init__(export, final)
         self.raw_path = partial_path(final, "raw")
-        self.shape = (levels, num_pois)
+        self.items_first = items_first
+        self.shape = (num_pois, levels) if items_first else (levels, num_pois)
         self._raw = np.memmap(self.raw_path, dtype="<i8", mode="w+", shape=self.shape)
 
     def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
         if len(pids):
-            self._raw[:, int(pids[0]) - 1 : int(pids[-1])] = codes.T
+            rows = slice(int(pids[0]) - 1, int(pids[-1]))
+            if self.items_first:
+                self._raw[rows] = codes
+            else:
+                self._raw[:, rows] = codes.T
 
     def close(self, counter: SidCounter) -> None:
         import torch
 
         self._raw.flush()
         del self._raw
-        levels, num_pois = self.shape
-        mapped = torch.from_file(str(self.raw_path), shared=False, size=levels * num_pois, dtype=torch.int64)
+        rows, columns = self.shape
+        mapped = torch.from_file(str(self.raw_path), shared=False, size=rows * columns, dtype=torch.int64)
         # Saved through a file object: a path would put its (random, partial) name inside the archive.
-        torch.save(mapped.view(levels, num_pois), self.handle)
+        torch.save(mapped.view(rows, columns), self.handle)
         super().close(counter)
         self.raw_path.unlink()
 
     def leftovers(self) -> list[Path]:
         return [self.partial, self.raw_path]
+
+
+class _CodebooksCsv(_Exported):
+    """The codebooks CSV's lines (without SID tokens) under another header: GNPR-SID V2's ``pid,sid,vector``."""
+
+    TAKES_ROWS = True
+
+    def __init__(
+        self, export: PresetFile, final: Path, header: bytes, codebooks: tuple[np.ndarray, ...], sizes: tuple[int, ...]
+    ) -> None:
+        super().__init__(export, final)
+        self.levels = len(sizes)
+        self.layout = sid_layout(sizes)
+        self.text = csv_text(functools.partial(codeword_sums, codebooks), False, sizes)
+        self.handle.write(header)
+
+    def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
+        sids = codes[:, : self.levels]
+        parts = self.text.csv_parts(pids, sids, self.layout.pack(sids))
+        extra = codes[:, self.levels] if codes.shape[1] > self.levels else None
+        self.handle.write(string_bytes(csv_lines(parts, extra, self.levels)))
 
 
 class _Prefixes(_JsonMap):
@@ -153,9 +195,17 @@ def prefix_entries(counter: SidCounter, dedup: bool) -> Iterator[pa.Array]:
 
 
 class ModelExports:
-    """Every file exported beside one model's codebooks file ``final``; ``num_pois`` rows arrive in Pid order."""
+    """Every file exported, or written for a preset, beside one model's codebooks file ``final`` (its model's
+    ``codebooks``, for files that hold the Vector); ``num_pois`` rows arrive in Pid order."""
 
-    def __init__(self, final: Path, spec: OutputSpec, sizes: tuple[int, ...], num_pois: int) -> None:
+    def __init__(
+        self,
+        final: Path,
+        spec: OutputSpec,
+        sizes: tuple[int, ...],
+        num_pois: int,
+        codebooks: tuple[np.ndarray, ...] = (),
+    ) -> None:
         levels = len(sizes) + (1 if spec.dedup else 0)
         self.files: list[_Exported] = []
         try:
@@ -167,6 +217,14 @@ class ModelExports:
                     self.files.append(_SidTensor(export, path, levels, num_pois))
                 else:
                     self.files.append(_Prefixes(export, path, spec.dedup))
+            for file in spec.preset_files:
+                path = final.with_name(preset_filename(final.name, file))
+                if file is PresetFile.ITEMS_INDEX_JSON:
+                    self.files.append(_IndexJson(file, path, first_id=0))
+                elif file is PresetFile.TIGER_TENSOR:
+                    self.files.append(_SidTensor(file, path, levels, num_pois, items_first=True))
+                else:
+                    self.files.append(_CodebooksCsv(file, path, b"pid,sid,vector\n", codebooks, sizes))
         except BaseException:
             self.discard()
             raise

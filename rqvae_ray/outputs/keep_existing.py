@@ -69,7 +69,7 @@ def kept_entry(published: PublishedFile, spec: OutputSpec, provenance: Provenanc
             f"{provenance.checkpoint_sha256[:12]})",
             "use the checkpoint it was made with, or --force to redo it with this one",
         )
-    options = [f"{flag} {'on' if had else 'off'}" for flag, had in entry.changed_options(spec)]
+    options = [had for had, _now in entry.changed_options(spec)]
     if options:
         raise refuse(f"it was written with {', '.join(options)}", "run with its options, or --force")
     damaged = damage(path, entry)

@@ -75,6 +75,7 @@ class ManifestEntry:
     exports: list[ExportRecord] = field(default_factory=list)
     features_rows_sha256: str = ""
     extends: ExtendedFile | None = None
+    max_per_sid: int = 0  # the cap on POIs per SID it was written with (0: none)
 
     @classmethod
     def from_dict(cls, data: dict) -> ManifestEntry | None:
@@ -101,24 +102,28 @@ class ManifestEntry:
                 return f"its {item.name!r} is {_brief(data[item.name])}, expected {wanted}"
         return ""
 
-    def changed_options(self, spec: OutputSpec) -> list[tuple[str, bool]]:
-        """The options that change a file's content and that ``spec`` sets otherwise: (flag, on in this file)."""
+    def changed_options(self, spec: OutputSpec) -> list[tuple[str, str]]:
+        """The options that change a file's content and that ``spec`` sets otherwise: each as this file was written
+        with it and as ``spec`` has it (``("--dedup off", "--dedup on")``)."""
         options = (
             ("--dedup", self.dedup, spec.dedup),
             ("--fixed-length", self.fixed_length, spec.fixed_length),
             ("--sid-tokens", self.sid_tokens, spec.sid_tokens),
         )
-        return [(flag, had) for flag, had, wanted in options if had != wanted]
+        changed = [(f"{flag} {_on(had)}", f"{flag} {_on(wanted)}") for flag, had, wanted in options if had != wanted]
+        if self.max_per_sid != (spec.max_per_sid or 0):
+            changed.append((_cap(self.max_per_sid), _cap(spec.max_per_sid or 0)))
+        return changed
 
     def matches(self, spec: OutputSpec, provenance: Provenance) -> str:
         """Why this file does not hold what ``spec`` and ``provenance`` ask for; "" when it does."""
         changed = [name for name, value in asdict(provenance).items() if getattr(self, name) != value]
         if changed:
             return "its inputs changed (" + ", ".join(sorted(changed)) + ")"
-        options = [f"{flag} {'off' if had else 'on'}" for flag, had in self.changed_options(spec)]
+        options = [now for _had, now in self.changed_options(spec)]
         if options:
             return "it was written with other options (now " + ", ".join(options) + ")"
-        wanted_exports = [export.value for export in spec.exported]
+        wanted_exports = spec.written_kinds
         if sorted(record.kind for record in self.exports) != sorted(wanted_exports):
             return "it was written with other exports (now " + (", ".join(wanted_exports) or "none") + ")"
         if self.tool_version != __version__:
@@ -199,6 +204,14 @@ def _entries(data: bytes) -> tuple[str, list[ManifestEntry]]:
             return f"entry {name!r}: {problem}", []
         entries.append(ManifestEntry.from_dict(value))
     return "", entries
+
+
+def _on(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def _cap(max_per_sid: int) -> str:
+    return f"--max-per-sid {max_per_sid}" if max_per_sid else "no --max-per-sid"
 
 
 def _brief(value: object) -> str:

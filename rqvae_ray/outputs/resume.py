@@ -72,7 +72,12 @@ class ResumeState:
 
 def resume_key(model_id: str, filename: str, provenance: Provenance, spec: OutputSpec, num_pois: int) -> str:
     """What a file's resume state must have been made for, to be resumed: the same model, inputs and options."""
-    options = {**asdict(spec), "fmt": spec.fmt.value, "exports": sorted(e.value for e in spec.exports)}
+    options = {
+        **asdict(spec),
+        "fmt": spec.fmt.value,
+        "exports": sorted(e.value for e in spec.exports),
+        "presets": sorted(p.value for p in spec.presets),
+    }
     document = {"model_id": model_id, "file": filename, **asdict(provenance), "spec": options, "pois": num_pois}
     document["tool_version"] = __version__
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rqvae_ray.core.contract import Export
 from rqvae_ray.core.rows import pid_break
 from rqvae_ray.errors import OutputError, OutputWriteError, UploadError
-from rqvae_ray.outputs.layout import MANIFEST_FILE, export_filename, output_dir, repo_folder
+from rqvae_ray.outputs.layout import MANIFEST_FILE, output_dir, repo_folder, written_filenames
 from rqvae_ray.outputs.manifest import ExportRecord, ExtendedFile, Manifest, ManifestEntry, utc_now
 from rqvae_ray.outputs.resume import remove_resume_state
 from rqvae_ray.outputs.sinks.model_sink import ModelSink
@@ -67,6 +66,20 @@ def _changed_reason(sink: ModelSink) -> str:
     )
 
 
+def _refuse_shared_names(sinks: list[ModelSink]) -> None:
+    """Two models must not write one file: the 0-based index map's name spells a model's dots as underscores."""
+    owners: dict[str, str] = {}
+    for sink in sinks:
+        exported = sink.exports.files if sink.exports is not None else []
+        for name in (sink.final.name, *(e.final.name for e in exported)):
+            other = owners.setdefault(name, sink.target.model_id)
+            if other != sink.target.model_id:
+                raise OutputError(
+                    f"{other} and {sink.target.model_id} would both write {name}; run them in separate --out-dir "
+                    "folders or drop the --for preset that writes it"
+                )
+
+
 def _whole(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
@@ -94,6 +107,7 @@ class DatasetWriter:
             remove_stale_partials(self.folder)
             for target in output.targets:
                 self.sinks.append(ModelSink(target, self.folder / target.filename, self.spec, self.num_pois))
+            _refuse_shared_names(self.sinks)
             for sink in self.sinks:
                 if sink.target.resume_rows:
                     sink.replay()
@@ -200,10 +214,11 @@ class DatasetWriter:
             rows=sink.counter.rows,
             sha256=sink.digest.hexdigest(),
             written_at=utc_now(),
-            sid_stats=sink.counter.summary(),
+            sid_stats=sink.quality(),
             encode_seconds=round(sink.encode_seconds, 3),
             sinkhorn_levels=list(sink.target.sinkhorn_levels),
             fixed_length=self.spec.fixed_length,
+            max_per_sid=self.spec.max_per_sid or 0,
             exports=[ExportRecord(e.export.value, e.final.name, e.sha256) for e in exported],
             features_rows_sha256=sink.target.features_rows_sha256,
             extends=None if existing is None else ExtendedFile(existing.sha256, existing.rows),
@@ -216,13 +231,13 @@ class DatasetWriter:
         return Published(entry, str(sink.final))
 
     def _stale_exports(self, sink: ModelSink, manifest: Manifest) -> list[Path]:
-        """The files exported beside ``sink``'s file that this run does not write: every ``codebooks-<model>.<suffix>``
-        of an export (the names a manifest entry lists its exports by), but those that the entry of the model's file
-        in the other format lists."""
+        """The files exported beside ``sink``'s file that this run does not write: every name an export or a preset
+        file of it may have (the names a manifest entry lists its exports by), but those that the entry of the
+        model's file in the other format lists."""
         name = sink.target.filename
         written = {e.final.name for e in sink.exports.files} if sink.exports is not None else set()
         others = {record.file for file, entry in manifest.entries.items() if file != name for record in entry.exports}
-        names = {export_filename(name, export) for export in Export} - written - others
+        names = written_filenames(name) - written - others
         return [self.folder / stale for stale in sorted(names)]
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:

@@ -248,6 +248,7 @@ def run_dataset(
                     f"{done.entry.file}"
                 )
             result.rows, result.sha256, result.quality = done.entry.rows, done.entry.sha256, done.entry.sid_stats
+            result.exports = done.entry.exports
             result.encode_seconds = done.entry.encode_seconds
             result.path = done.path if options.out_dir is not None else ""
             result.commit = commit
@@ -257,6 +258,7 @@ def run_dataset(
         result = ModelResult(spec.model_id, spec.dataset_repo, ok=not failure, error=failure)
         if not failure:
             result.rows, result.sha256, result.quality = entry.rows, entry.sha256, entry.sid_stats
+            result.exports = entry.exports
             result.path, result.commit = str(item.path), commit
         results.append(result)
     return results

@@ -12,9 +12,11 @@ from pathlib import Path
 from rqvae_ray import __version__
 from rqvae_ray.core.checkpoint import ModelWeights, load_checkpoint_bytes
 from rqvae_ray.core.contract import StageModel
+from rqvae_ray.core.sid_cap import room_problem
 from rqvae_ray.errors import (
     Cancelled,
     CheckpointError,
+    OutputError,
     OutputWriteError,
     RqvaeRayError,
     WriterDied,
@@ -126,6 +128,10 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
                     f"the model takes {weights.input_dim} input features but {repo} has "
                     f"{features.dim}; pair the model with the dataset it was trained on",
                 )
+            cap = options.output.max_per_sid
+            crowded = cap is not None and room_problem(weights.codebook_sizes, cap, features.num_pois)
+            if crowded:
+                raise OutputError(f"{spec.model_id}: {crowded}")
         except RqvaeRayError as exc:
             results[spec.model_id] = ModelResult(spec.model_id, spec.dataset_repo, ok=False, error=str(exc))
             continue
@@ -157,6 +163,7 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
                 path=str(path),
                 sha256=existing.entry.sha256,
                 quality=existing.entry.sid_stats,
+                exports=existing.entry.exports,
             )
             continue
         filename = codebooks_filename(spec.name, options.output.fmt)
@@ -183,8 +190,17 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
     if not ready:
         return Loaded(features, ready, results, folder, as_is=as_is)
     digests = rows_digests(features, {features.num_pois, *(entry.rows for _, entry in kept.values())})
-    ready = [_keeping(r, kept.get(r.spec.model_id), digests, features.num_pois, progress) for r in ready]
-    if folder is not None and not options.output.keep_existing:
+    keeping = []
+    for r in ready:
+        try:
+            keeping.append(_keeping(r, kept.get(r.spec.model_id), digests, features.num_pois, options, progress))
+        except RqvaeRayError as exc:
+            results[r.spec.model_id] = ModelResult(r.spec.model_id, r.spec.dataset_repo, ok=False, error=str(exc))
+    ready = keeping
+    if not ready:
+        return Loaded(features, ready, results, folder, as_is=as_is)
+    # A capped file is decided once every SID is counted, from every row's latent: an interrupted run starts afresh.
+    if folder is not None and not options.output.keep_existing and options.output.max_per_sid is None:
         ready = _resuming(ready, folder, options, features.num_pois, progress)
     return Loaded(features, ready, results, folder, digests[features.num_pois], as_is)
 
@@ -219,14 +235,22 @@ def _keeping(
     kept: tuple[PublishedFile, ManifestEntry] | None,
     digests: dict[int, str],
     num_pois: int,
+    options: RunOptions,
     progress: Progress,
 ) -> Ready:
-    """``ready`` starting its file from the rows of its published file, verified when their features changed."""
+    """``ready`` starting its file from the rows of its published file, verified when their features changed (not
+    with ``--max-per-sid``: a POI it moved holds another SID than its nearest, so it cannot be checked)."""
     if kept is None:
         return ready
     published, entry = kept
     model, name = ready.spec.model_id, published.path.name
     verify = entry.features_rows_sha256 != digests[entry.rows]
+    if verify and options.output.max_per_sid is not None:
+        raise OutputError(
+            f"cannot keep the rows of {published.path}: the features of its POIs changed or were not recorded, and "
+            "--max-per-sid moved some of them, so their SIDs cannot be checked; use --force to redo it",
+            path=str(published.path),
+        )
     if verify:
         why = "were not recorded" if not entry.features_rows_sha256 else "changed since it was written"
         progress.note(

@@ -10,6 +10,8 @@ from enum import Enum
 from pathlib import Path
 
 from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
+from rqvae_ray.core.encoder import EncoderFactory, make_encoder
+from rqvae_ray.core.presets import Preset, resolve_presets
 from rqvae_ray.errors import OutputError
 from rqvae_ray.inputs.stores import HfHub, LocalHub
 
@@ -63,6 +65,8 @@ class RunOptions:
     force: bool = False
     upload_retries: int = 5
     upload_backoff_s: float = 1.0
+    # Internal, not a command-line option: what builds the encoders (a benchmark swaps in a stand-in).
+    encoder_factory: EncoderFactory = make_encoder
 
 
 def make_options(
@@ -78,7 +82,9 @@ def make_options(
     fixed_length: bool = False,
     sid_tokens: bool = False,
     exports: str | Iterable[str] = (),
+    for_: str | Iterable[str] = (),
     keep_existing: bool = False,
+    max_per_sid: int | None = None,
     force: bool = False,
     executor: str | ExecutorMode = ExecutorMode.AUTO,
     pools: str | PoolMode = PoolMode.AUTO,
@@ -94,7 +100,7 @@ def make_options(
 ) -> RunOptions:
     """The options of a run from the command line's or the API's keywords; contradictions raise
     :class:`~rqvae_ray.errors.OutputError` naming both options. ``upload`` None: upload when there is no
-    ``out_dir``."""
+    ``out_dir``. ``for_`` names trainers' presets (``--for``), which turn on what their loaders need."""
     if keep_existing and force:
         raise OutputError("--keep-existing keeps a published file and --force redoes it; give one of them")
     check_base_folder(base_folder)
@@ -103,13 +109,21 @@ def make_options(
             raise OutputError("--actors-per-pool fixes the actors; give it or --min-actors/--max-actors, not both")
         min_actors = max_actors = actors_per_pool
     names = exports if isinstance(exports, str) else ",".join(exports)
+    presets = Preset.parse(for_ if isinstance(for_, str) else ",".join(for_))
+    fmt = OutputFormat(fmt)
+    asked = frozenset(export.value for export in Export.parse(names))
+    resolved = resolve_presets(
+        presets, dedup=dedup, fixed_length=fixed_length, csv=fmt is OutputFormat.CSV, exports=asked
+    )
     output = OutputSpec(
-        fmt=OutputFormat(fmt),
-        dedup=dedup,
+        fmt=fmt,
+        dedup=resolved.dedup,
         sid_tokens=sid_tokens,
-        fixed_length=fixed_length,
-        exports=Export.parse(names),
+        fixed_length=resolved.fixed_length,
+        exports=frozenset(Export(value) for value in resolved.exports),
         keep_existing=keep_existing,
+        presets=presets,
+        max_per_sid=max_per_sid,
     )
     return RunOptions(
         hub=HfHub(revision, dataset_revision) if hub_dir is None else LocalHub(hub_dir),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rqvae_ray.outputs.manifest import ExportRecord
+
 
 @dataclass
 class ModelResult:
@@ -22,6 +24,7 @@ class ModelResult:
     sha256: str = ""
     commit: str = ""
     quality: dict = field(default_factory=dict)
+    exports: list[ExportRecord] = field(default_factory=list)  # the files written beside its codebooks file
 
     @property
     def unique_sids(self) -> int:

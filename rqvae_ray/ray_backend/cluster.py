@@ -17,6 +17,10 @@ from rqvae_ray.core.processes import process_ids, stat_field
 from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
 
 BLOCK_BYTES = 4 << 20
+# CSV blocks carry the rows' text (~3.5 KB per POI with 5 models), so they are about one batch's output instead: Ray
+# Data lets a task hold only 2 output blocks the driver has not taken yet, and with 4 MiB blocks of text the encoder
+# actors stalled on that (the ceiling benchmark at 1 M POIs x 5 models: 94k -> 143k SID rows/s streamed).
+CSV_BLOCK_BYTES = 16 << 20
 # How long a run waits for Ray to shut down before it exits anyway.
 RAY_STOP_WAIT_S = 15.0
 # How long a private local Ray's processes have to end by themselves after ray.shutdown() before they are killed.
@@ -65,15 +69,16 @@ def local_object_store_bytes() -> int:
     return int(min(0.3 * ram, max(1 << 30, (256 << 20) * (os.cpu_count() or 1))))
 
 
-def configure_data_context() -> None:
-    """Ray Data settings of every run: rows in order, no skipped blocks, pools that start together."""
+def configure_data_context(block_bytes: int = BLOCK_BYTES) -> None:
+    """Ray Data settings of every run: rows in order, no skipped blocks, pools that start together, blocks of at
+    most ``block_bytes``."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
     # Blocks of about one batch's output: the writer gets rows as soon as a batch is encoded, rather than once Ray
     # Data has gathered 128 MiB of them, and no process holds more than a few blocks of rows.
-    ctx.target_max_block_size = BLOCK_BYTES
+    ctx.target_max_block_size = block_bytes
     # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
     # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
     ctx.max_errored_blocks = 0

@@ -22,9 +22,10 @@ from rqvae_ray.core.contract import (
     csv_text,
     encoded_columns,
 )
-from rqvae_ray.core.encoder import Encoder, SparseRows, make_encoder
+from rqvae_ray.core.encoder import Encoder, EncoderFactory, SparseRows, make_encoder
 from rqvae_ray.core.formatting import SidText
 from rqvae_ray.core.rows import rows_from_table
+from rqvae_ray.core.sid_cap import latent_array
 from rqvae_ray.core.sid_stats import sid_layout
 from rqvae_ray.errors import DatasetError, InputDimensionError
 
@@ -34,10 +35,10 @@ INPUT_COLUMNS = ("indices", "values", "features")
 class _Model:
     """One model inside a stage instance: its encoder, its slot in the blocks, and its per-SID text cache."""
 
-    def __init__(self, model: StageModel, use_gpu: bool, spec: OutputSpec) -> None:
+    def __init__(self, model: StageModel, use_gpu: bool, spec: OutputSpec, encoder_factory: EncoderFactory) -> None:
         self.model_id = model.model_id
         self.slot = ModelSlot(model.slot)
-        self.encoder: Encoder = make_encoder(model.weights, use_gpu)
+        self.encoder: Encoder = encoder_factory(model.weights, use_gpu)
         sizes = model.weights.codebook_sizes
         self.layout = sid_layout(sizes)
         self.text: SidText | RowText | None = None
@@ -46,9 +47,11 @@ class _Model:
 
     def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
         started = time.perf_counter()
-        codes, _vectors = self.encoder.encode(rows)
+        codes, latent = self.encoder.encode_latent(rows)
         packed = self.layout.pack(codes)
         encoded = encoded_columns(pids, codes, packed, spec, self.text)
+        if spec.max_per_sid is not None:  # the writer places the POIs that move from it
+            encoded = dataclasses.replace(encoded, latent=latent_array(latent))
         share = (time.perf_counter() - started) / max(len(pids), 1)
         return dataclasses.replace(encoded, seconds=pa.array(np.full(len(pids), share)))
 
@@ -58,16 +61,24 @@ class EncodeModels:
 
     The output block holds ``Pid`` and each model's columns, plus the input columns when ``keep_inputs`` (a later
     pool in a chain of per-model pools still needs them). ``use_gpu``: encode on CUDA when it is available (the
-    executor gave this instance a GPU; Ray sets ``CUDA_VISIBLE_DEVICES`` to it).
+    executor gave this instance a GPU; Ray sets ``CUDA_VISIBLE_DEVICES`` to it). ``encoder_factory`` builds each
+    model's encoder (a benchmark's stand-in replaces :func:`~rqvae_ray.core.encoder.make_encoder`).
     """
 
     def __init__(
-        self, *, repo: str, models: list[StageModel], spec: OutputSpec, keep_inputs: bool = False, use_gpu: bool = False
+        self,
+        *,
+        repo: str,
+        models: list[StageModel],
+        spec: OutputSpec,
+        keep_inputs: bool = False,
+        use_gpu: bool = False,
+        encoder_factory: EncoderFactory = make_encoder,
     ) -> None:
         self.repo = repo
         self.spec = spec
         self.keep_inputs = keep_inputs
-        self.models = [_Model(model, use_gpu, spec) for model in models]
+        self.models = [_Model(model, use_gpu, spec, encoder_factory) for model in models]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:

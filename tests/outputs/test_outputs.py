@@ -166,9 +166,12 @@ def test_check_existing_says_why_a_file_is_redone(tmp_path):
     assert "checkpoint_sha256" in check_existing(tmp_path, path.name, spec, other, "org/nyc").stale
     assert "--dedup on" in check_existing(tmp_path, path.name, OutputSpec(dedup=True), PROVENANCE, "org/nyc").stale
     tokens = _entry(path, dedup=True, sid_tokens=True)
-    assert tokens.changed_options(OutputSpec(dedup=True)) == [("--sid-tokens", True)]
+    assert tokens.changed_options(OutputSpec(dedup=True)) == [("--sid-tokens on", "--sid-tokens off")]
     assert tokens.changed_options(OutputSpec(fixed_length=True, dedup=True, sid_tokens=True)) == [
-        ("--fixed-length", False)
+        ("--fixed-length off", "--fixed-length on")
+    ]
+    assert tokens.changed_options(OutputSpec(dedup=True, sid_tokens=True, max_per_sid=2)) == [
+        ("no --max-per-sid", "--max-per-sid 2")
     ]
     path.write_text("Pid,Codebook,Vector\n1")
     assert "sha256" in check_existing(tmp_path, path.name, spec, PROVENANCE, "org/nyc").stale

@@ -1,5 +1,6 @@
 """One model's partial output file and its exports: each block's rows are checked, counted, journaled, and written
-(or spooled until every SID is counted, with ``--dedup``), after the rows kept from an existing file."""
+(or spooled until every SID is counted, with ``--dedup`` or ``--max-per-sid``), after the rows kept from an existing
+file."""
 
 from __future__ import annotations
 
@@ -12,16 +13,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rqvae_ray.core.contract import EncodedColumns, ModelSlot, OutputFormat, OutputSpec, csv_text, encoded_columns
+from rqvae_ray.core.contract import (
+    EncodedColumns,
+    ModelSlot,
+    OutputFormat,
+    OutputSpec,
+    RowText,
+    csv_text,
+    encoded_columns,
+)
 from rqvae_ray.core.encoder import codeword_sums
+from rqvae_ray.core.formatting import SidText
 from rqvae_ray.core.sid_stats import SidCounter
 from rqvae_ray.errors import OutputError, RqvaeRayError
 from rqvae_ray.outputs.exports import ModelExports
 from rqvae_ray.outputs.resume import remove_resume_state
+from rqvae_ray.outputs.sinks.cap import CapSpool, Moves
 from rqvae_ray.outputs.sinks.formats import CsvFormat, ParquetFormat
 from rqvae_ray.outputs.sinks.journal import Journal
 from rqvae_ray.outputs.sinks.kept import KeptRows
-from rqvae_ray.outputs.sinks.spool import DedupSpool
+from rqvae_ray.outputs.sinks.spool import RowSpool
 from rqvae_ray.outputs.staging import HashingFile, partial_path
 from rqvae_ray.outputs.targets import ModelTarget
 
@@ -42,7 +53,10 @@ class ModelSink:
         self.journal: Journal | None = None
         self.exports: ModelExports | None = None
         self.kept: KeptRows | None = None
-        self.spool = DedupSpool(partial_path(final, "spool")) if spec.dedup else None
+        capped = spec.max_per_sid is not None
+        self.spool = RowSpool(partial_path(final, "spool")) if spec.dedup or capped else None
+        self.cap: CapSpool | None = None
+        self.moves: Moves | None = None
         # Both formats write through one hashing file: CSV text directly, Parquet through pyarrow's writer.
         self._handle = HashingFile(self.partial)
         levels = len(target.codebook_sizes)
@@ -51,9 +65,13 @@ class ModelSink:
         else:
             self.format = ParquetFormat(self._handle, spec, levels, target.codebooks)
         try:
+            if capped:
+                self.cap = CapSpool(partial_path(final, "cap"), self.layout, target.codebooks, spec.max_per_sid)
             if target.resume_key:
                 self.journal = Journal(final, target.resume_key, target.resume_rows, self.layout)
-            self.exports = ModelExports(final, spec, target.codebook_sizes, num_pois) if spec.exported else None
+            exported = spec.exported or spec.preset_files
+            sizes, books = target.codebook_sizes, target.codebooks
+            self.exports = ModelExports(final, spec, sizes, num_pois, books) if exported else None
             row_exports = self.exports if self.exports is not None and self.exports.takes_rows else None
             if target.existing is not None:
                 on_codes = row_exports.add if row_exports is not None else None
@@ -70,20 +88,35 @@ class ModelSink:
     def digest(self):
         return self._handle.digest
 
+    def quality(self) -> dict:
+        """The SID quality figures of the file (with the cap's, see :meth:`Moves.figures`)."""
+        summary = self.counter.summary()
+        if self.moves is not None:
+            summary["cap"] = self.moves.figures(self.spec.max_per_sid)
+        return summary
+
     @property
     def changed(self) -> int:
         """Kept POIs whose freshly encoded SID differs from the file's."""
         return self.kept.changed if self.kept is not None else 0
 
+    @functools.cached_property
+    def _text(self) -> SidText | RowText | None:
+        """The CSV text maker of rows rebuilt from their codes (the encode stage's)."""
+        if self.spec.fmt is not OutputFormat.CSV:
+            return None
+        vectors_of = functools.partial(codeword_sums, self.target.codebooks)
+        return csv_text(vectors_of, self.spec.sid_tokens, self.target.codebook_sizes)
+
+    def _rebuilt(self, pids: np.ndarray, packed: np.ndarray) -> EncodedColumns:
+        """The columns of rows of known SIDs, as the encode stage makes them (same formatting code, same bytes)."""
+        return encoded_columns(pids, self.layout.unpack(packed), packed, self.spec, self._text)
+
     def replay(self) -> None:
         """Write rows 1..resume_rows again from the journal of the interrupted run: the same codes, formatted by the
         same code as in the encode stage, give the same bytes."""
-        vectors_of = functools.partial(codeword_sums, self.target.codebooks)
-        text = None
-        if self.spec.fmt is OutputFormat.CSV:
-            text = csv_text(vectors_of, self.spec.sid_tokens, self.target.codebook_sizes)
-        for pids, codes, packed in self.journal.replay():
-            encoded = encoded_columns(pids, codes, packed, self.spec, text)
+        for pids, _codes, packed in self.journal.replay():
+            encoded = self._rebuilt(pids, packed)
             encoded = dataclasses.replace(encoded, seconds=pa.array(np.zeros(len(pids))))  # counted in the state
             self.append(self.slot.attach(pa.table({"Pid": pa.array(pids)}), encoded), journal=False)
         self.encode_seconds += self.target.resume_seconds
@@ -104,6 +137,8 @@ class ModelSink:
         self.counter.add(sids)
         if journal and self.journal is not None:
             self.journal.append(sids)
+        if self.cap is not None:
+            self.cap.add(sids, encoded.latent)
         if encoded.seconds is not None:
             self.encode_seconds += float(pc.sum(encoded.seconds).as_py() or 0.0)
         if self.spool is not None:
@@ -144,8 +179,16 @@ class ModelSink:
         if self.kept is not None:
             self.kept.keep_rest()
             self.kept.close()
+        if self.cap is not None:
+            self.moves = self.cap.moves(self.counter)
         if self.spool is not None:
-            for pids, encoded, extra in self.spool.replay(self.counter, self.spec.fixed_length):
+            first_row = 0
+            for pids, spooled in self.spool.replay():
+                encoded = spooled if self.moves is None else self.moves.apply(first_row, pids, spooled, self._rebuilt)
+                first_row += len(pids)
+                extra = None
+                if self.spec.dedup:  # after the cap: the codes of the SIDs the POIs now hold
+                    extra = self.counter.dedup_codes(self._sids(encoded), self.spec.fixed_length)
                 self._emit(pids, encoded, extra)
         self.format.close()
         self._handle.close()  # Parquet may have closed it already, which is harmless
@@ -158,7 +201,7 @@ class ModelSink:
         an OSError: a partial file that cannot be deleted is removed by a later run."""
         self.closed = True  # nothing more is written: a dropped file is not finished
         exported = self.exports.files if self.exports is not None else []
-        spooled = [self.spool.path] if self.spool is not None else []
+        spooled = [spool.path for spool in (self.spool, self.cap) if spool is not None]
         # Deleted before anything else is written: on a full disk they hold the space that the rest needs.
         for path in [self.partial, *spooled, *(path for export in exported for path in export.leftovers())]:
             with contextlib.suppress(OSError):
@@ -170,6 +213,8 @@ class ModelSink:
         with contextlib.suppress(OSError):
             if self.spool is not None:
                 self.spool.discard()
+            if self.cap is not None:
+                self.cap.discard()
             if self.exports is not None:
                 self.exports.discard()
         if keep_resume:
