@@ -150,8 +150,9 @@ def run(
             metavar="K",
             help="At most K POIs keep one SID: in a fuller SID those farthest from their last codeword (then the "
             "higher Pids) move, nearest first, to the nearest last-level codeword under the same prefix whose SID "
-            "has room (a level up when none has); decided once every SID is counted, before --dedup. The table and "
-            "the quality report give the POIs moved and their extra squared distance.",
+            "has room (a level up when none has); decided once every SID is counted, before --dedup; POIs kept by "
+            "--keep-existing stay. A model with more POIs than K x its possible SIDs fails before any work. The "
+            "table and the quality report give the POIs moved and their extra squared distance.",
         ),
     ] = None,
     actor_wait_s: Annotated[

@@ -53,8 +53,9 @@ class Export(str, Enum):
 @dataclass(frozen=True)
 class OutputSpec:
     """What every model's output holds: the format, dedup codes (``fixed_length``: on every POI), the SID token
-    column, the files exported beside it, whether the rows of an existing file are kept (``keep_existing``), and the
-    trainers' presets whose files are written too (already applied to the other fields by ``make_options``)."""
+    column, the files exported beside it, whether the rows of an existing file are kept (``keep_existing``), the
+    trainers' presets whose files are written too (already applied to the other fields by ``make_options``), and the
+    cap on POIs per SID (``max_per_sid``)."""
 
     fmt: OutputFormat = OutputFormat.CSV
     dedup: bool = False

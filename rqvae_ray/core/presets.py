@@ -3,7 +3,8 @@
 A preset turns on what its trainer needs (dedup codes, on every POI where the trainer decodes a fixed number of codes)
 and names the files it reads, written beside the codebooks file. Each :class:`TrainerConvention` records where the
 trainer reads each file and how its item ids map to our Pids; :func:`resolve_presets` applies the presets to the
-other options and refuses an option that contradicts one, naming both.
+other options and refuses an option that contradicts one, naming both; :func:`too_many_codes` says when a model's SIDs
+are longer than a trainer takes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class TrainerConvention:
     files: tuple[PresetFile, ...] = ()
     reads: str
     item_ids: str
+    max_codes: int = 0  # the most codes per SID its loader takes (0: any number)
+    longer: str = ""  # what its loader does with a longer SID
 
 
 CONVENTIONS: dict[Preset, TrainerConvention] = {
@@ -92,8 +95,11 @@ CONVENTIONS: dict[Preset, TrainerConvention] = {
             length=Length.SHARED,
             files=(PresetFile.GNPR_SID_V2_CSV,),
             reads="codebooks-<model>.gnpr-sid-v2.csv (pid,sid,vector, as V2/SID/get_SID.py writes it), read by "
-            "load_pid_to_code in V2/dataprocess/userSplit/get_sft_data.ipynb (at most 4 codes: <a_..> to <d_..>)",
+            "load_pid_to_code in V2/dataprocess/userSplit/get_sft_data.ipynb (at most 4 codes: <a_..> to <d_..>; "
+            "a model of more than 3 quantizer levels fails before any work)",
             item_ids="pid = Pid",
+            max_codes=4,
+            longer="encode_item in get_sft_data.ipynb refuses a longer one and load_pid_to_code skips its POI",
         ),
         TrainerConvention(
             preset=Preset.LC_REC,
@@ -195,6 +201,21 @@ def resolve_presets(
         fixed_length=fixed_length or bool(every),
         exports=exports.union(*(c.exports for c in chosen)),
     )
+
+
+def too_many_codes(presets: frozenset[Preset], levels: int, dedup: bool) -> str:
+    """Why SIDs of ``levels`` quantizer levels (and a dedup code with ``dedup``) are longer than the loader of one of
+    ``presets`` takes; "" when every one takes them."""
+    extra = 1 if dedup else 0
+    for c in CONVENTIONS.values():
+        if c.preset in presets and 0 < c.max_codes < levels + extra:
+            parts = f"{levels} quantizer levels" + (" and the dedup code" if dedup else "")
+            return (
+                f"--for {c.preset.value}: {c.trainer} takes SIDs of at most {c.max_codes} codes ({c.longer}) but "
+                f"this model's {parts} give SIDs of up to {levels + extra}; run this model without --for "
+                f"{c.preset.value}, or give a checkpoint of at most {c.max_codes - extra} levels"
+            )
+    return ""
 
 
 def variable_length_warning(exports: frozenset[str], fixed_length: bool) -> str:

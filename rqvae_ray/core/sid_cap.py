@@ -68,7 +68,7 @@ def residuals_after(latent: np.ndarray, codes: np.ndarray, books: tuple[np.ndarr
     return residual
 
 
-def errors(latent: np.ndarray, codes: np.ndarray, books: tuple[np.ndarray, ...]) -> np.ndarray:
+def quantization_errors(latent: np.ndarray, codes: np.ndarray, books: tuple[np.ndarray, ...]) -> np.ndarray:
     """Each row's error: the distance of ``r_(L-1)`` to its last codeword (float64 ``books``, ``codes`` ``[n, L]``)."""
     final = residuals_after(latent, codes, books, len(books))
     # r_L = r_(L-1) - c element by element, so its squares are the distance's terms.

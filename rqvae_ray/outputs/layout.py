@@ -1,8 +1,9 @@
 """Where outputs go: the folder of a dataset's files and the names of the files in it.
 
 Layout: ``<root>/datasets/<org>/<dataset>/<base folder>/Intermediate Files/codebooks-<model>.<csv|parquet>`` (and
-the files exported beside it, ``codebooks-<model>.<index.json|sids.pt|prefixes.json>``) beside
-``rqvae_ray-manifest.json``, which holds one entry per codebooks file (its exports listed on it).
+the files exported or written for ``--for`` presets beside it, ``codebooks-<model>.<index.json|sids.pt|prefixes.json>``
+and :func:`preset_filename`) beside ``rqvae_ray-manifest.json``, which holds one entry per codebooks file (its exports
+listed on it).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 from rqvae_ray import __version__
 from rqvae_ray.core.checkpoint import ModelWeights, load_checkpoint_bytes
 from rqvae_ray.core.contract import StageModel
+from rqvae_ray.core.presets import too_many_codes
 from rqvae_ray.core.sid_cap import room_problem
 from rqvae_ray.errors import (
     Cancelled,
@@ -128,10 +129,9 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
                     f"the model takes {weights.input_dim} input features but {repo} has "
                     f"{features.dim}; pair the model with the dataset it was trained on",
                 )
-            cap = options.output.max_per_sid
-            crowded = cap is not None and room_problem(weights.codebook_sizes, cap, features.num_pois)
-            if crowded:
-                raise OutputError(f"{spec.model_id}: {crowded}")
+            refusal = _refusal(weights, options, features.num_pois)
+            if refusal:
+                raise OutputError(refusal)  # its result names the model
         except RqvaeRayError as exc:
             results[spec.model_id] = ModelResult(spec.model_id, spec.dataset_repo, ok=False, error=str(exc))
             continue
@@ -203,6 +203,17 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
     if folder is not None and not options.output.keep_existing and options.output.max_per_sid is None:
         ready = _resuming(ready, folder, options, features.num_pois, progress)
     return Loaded(features, ready, results, folder, digests[features.num_pois], as_is)
+
+
+def _refusal(weights: ModelWeights, options: RunOptions, num_pois: int) -> str:
+    """Why the run's options cannot give a file of ``weights`` for ``num_pois`` POIs, found before any work: SIDs
+    longer than a ``--for`` trainer takes, or too few SIDs for ``--max-per-sid``; "" when they can."""
+    output = options.output
+    sizes = weights.codebook_sizes
+    too_long = too_many_codes(output.presets, len(sizes), output.dedup)
+    if too_long or output.max_per_sid is None:
+        return too_long
+    return room_problem(sizes, output.max_per_sid, num_pois)
 
 
 def _resuming(ready: list[Ready], folder: Path, options: RunOptions, num_pois: int, progress: Progress) -> list[Ready]:

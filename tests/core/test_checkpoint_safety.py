@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import rqvae_ray
+from rqvae_ray.cli.app import app
 from rqvae_ray.core import checkpoint
 from rqvae_ray.core.checkpoint import load_checkpoint_bytes, load_checkpoint_file, weights_from_checkpoint
 from rqvae_ray.errors import CheckpointError
-from rqvae_ray.inputs.demo import fit_checkpoint, nyc_features, write_dataset
+from rqvae_ray.inputs.demo import LEVELS, fit_checkpoint, nyc_features, write_dataset
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, parse_model_id
 from rqvae_ray.inputs.stores import CHECKPOINT_FILE, LocalHub
 from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
@@ -42,6 +45,24 @@ def small_hub(root: Path, checkpoints: dict[str, dict], rows: int = ROWS) -> Pat
 def fitted(model_id: str, rows: int = ROWS) -> dict:
     """A published-layout checkpoint of ``model_id`` fitted to the first ``rows`` NYC POIs."""
     return fit_checkpoint(parse_model_id(model_id), nyc_features()[0][:rows])
+
+
+def with_codebooks(checkpoint: dict, change: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> dict:
+    """``checkpoint`` whose codebooks (one per level) are those ``change`` makes of its own (EMA buffers dropped)."""
+    state = checkpoint["model_state_dict"]
+    books = [state[f"quantizer.quantizers.{level}.vectors.weight"] for level in range(LEVELS)]
+    kept = {key: value for key, value in state.items() if not key.startswith("quantizer.")}
+    changed = {f"quantizer.quantizers.{level}.vectors.weight": book for level, book in enumerate(change(books))}
+    return {**checkpoint, "model_state_dict": {**kept, **changed}}
+
+
+def run_in_process(hub: Path, out: Path, capfd: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """The command line in this process (``--executor local``) from ``hub`` to ``out``: its exit status and all it
+    printed."""
+    log = out.with_name(f"{out.name}.log")
+    options = ["--hub-dir", str(hub), "--out-dir", str(out), "--executor", "local", "--log-file", str(log)]
+    result = CliRunner().invoke(app, [*options, *args])
+    return result.exit_code, result.output + "".join(capfd.readouterr())
 
 
 def _bytes(obj: object) -> bytes:

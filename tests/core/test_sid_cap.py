@@ -13,7 +13,7 @@ import torch
 
 from rqvae_ray.core.checkpoint import load_checkpoint_file
 from rqvae_ray.core.encoder import Encoder, SparseRows
-from rqvae_ray.core.sid_cap import Placement, distances, errors, movers, room_problem
+from rqvae_ray.core.sid_cap import Placement, distances, movers, quantization_errors, room_problem
 from rqvae_ray.core.sid_stats import SidCounter
 from tests import unit_models
 from tests.reference import build_encoder, reference_sids
@@ -79,7 +79,7 @@ def capped(latent: np.ndarray, codes: np.ndarray, books: tuple[np.ndarray, ...],
     counter = SidCounter(sizes)
     packed = counter.layout.pack(codes)
     counter.add(packed)
-    row_errors = errors(latent, codes, books)
+    row_errors = quantization_errors(latent, codes, books)
     rows = movers(packed, row_errors, counter, k)
     counter.remove(packed[rows])
     placement = Placement(counter, books, k)

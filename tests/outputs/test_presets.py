@@ -20,7 +20,7 @@ from rqvae_ray import read_codebooks
 from rqvae_ray.cli.summary import write_summary_json
 from rqvae_ray.core.contract import Export
 from rqvae_ray.core.hashing import sha256_files
-from rqvae_ray.core.presets import Preset, variable_length_warning
+from rqvae_ray.core.presets import Preset, too_many_codes, variable_length_warning
 from rqvae_ray.errors import OutputError
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_id
 from rqvae_ray.outputs.manifest import Manifest, Provenance, check_existing
@@ -28,6 +28,7 @@ from rqvae_ray.pipeline.options import make_options
 from rqvae_ray.pipeline.progress import Quiet
 from rqvae_ray.runner import run_models
 from tests.conftest import run_cli, use_hub
+from tests.core.test_checkpoint_safety import fitted, run_in_process, small_hub, with_codebooks
 from tests.hub_server import HubServer
 
 SPEC = parse_model_id(DEFAULT_MODELS[2])  # an NYC model
@@ -272,3 +273,36 @@ def test_the_command_line_takes_for_and_warns_once(tmp_path):
     warned = run_cli(DEFAULT_MODELS[2], "--out-dir", str(blocked / "out"), "--export", "tensor")
     assert warned.returncode == 2
     assert warned.stderr.count("warning: --export tensor without --fixed-length: LC-Rec, TIGER") == 1
+
+
+def test_sids_longer_than_a_trainer_takes_are_named():
+    gnpr_v2 = frozenset({Preset.GNPR_SID_V2})
+    assert too_many_codes(gnpr_v2, 3, dedup=True) == ""
+    assert too_many_codes(frozenset({Preset.GNPR_SID, Preset.LC_REC}), 7, dedup=True) == ""
+    assert too_many_codes(gnpr_v2, 4, dedup=True) == (
+        "--for gnpr-sid-v2: GNPR-SID V2 takes SIDs of at most 4 codes (encode_item in get_sft_data.ipynb "
+        "refuses a longer one and load_pid_to_code skips its POI) but this model's 4 quantizer levels and the dedup "
+        "code give SIDs of up to 5; run this model without --for gnpr-sid-v2, or give a checkpoint of at most 3 "
+        "levels"
+    )
+
+
+def test_gnpr_sid_v2_fails_a_model_of_4_levels_before_any_work(tmp_path, capfd):
+    """GNPR-SID V2's encode_item (get_sft_data.ipynb) skips an SID of more than 4 codes: a 4-level model, whose
+    shared SIDs get a 5th (dedup) code, fails with one line before it is encoded; a 3-level one in the run succeeds."""
+    shallow, deep = DEFAULT_MODELS[:2]  # NYC models
+    four = with_codebooks(fitted(deep), lambda books: [*books, books[-1][:4] * 0.5])
+    hub = small_hub(tmp_path / "hub", {shallow: fitted(shallow), deep: four})
+    out = tmp_path / "out"
+    status, output = run_in_process(hub, out, capfd, "--for", "gnpr-sid-v2", shallow, deep)
+    assert status == 1, output
+    refusals = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert refusals == [f"error: {deep}: " + too_many_codes(frozenset({Preset.GNPR_SID_V2}), 4, dedup=True)]
+    assert f"{deep}: published checkpoint" not in output  # refused before it was taken to encode
+    assert f"{shallow}: published checkpoint" in output
+    folder = _folder(out)
+    kept = f"codebooks-{parse_model_id(shallow).name}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["rqvae_ray-manifest.json", f"{kept}.csv", f"{kept}.prefixes.json", f"{kept}.gnpr-sid-v2.csv"]
+    )
+    assert list(Manifest.read(folder, REPO).entries) == [f"{kept}.csv"]

@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,14 @@ from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.core.encoder import codeword_sums
 from rqvae_ray.errors import OutputError
 from rqvae_ray.inputs.demo import write_dataset
-from rqvae_ray.inputs.model_ids import parse_model_ids
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
 from rqvae_ray.inputs.stores import CHECKPOINT_FILE, FEATURES_FILE, METADATA_FILE, PID_MAPPING_FILE, LocalHub
 from rqvae_ray.outputs.layout import MANIFEST_FILE, output_dir
 from rqvae_ray.outputs.readers import read_codebooks
 from rqvae_ray.pipeline.options import ExecutorMode, RunOptions, make_options
 from rqvae_ray.pipeline.progress import Progress
 from rqvae_ray.runner import run_models
+from tests.core.test_checkpoint_safety import ROWS, fitted, run_in_process, small_hub, with_codebooks
 from tests.sid_rules import dedup_rule, extended_rule
 
 REPO = "comp5331poi/nyc"
@@ -113,9 +115,14 @@ def test_parquet_holds_the_same_capped_sids_and_a_changed_cap_redoes_the_file(de
     assert f"{MODEL}: replacing {FILE}.parquet: it was written with other options (now no --max-per-sid)" in notes
 
 
-def _cut_hub(demo_hub: Path, root: Path, rows: int) -> Path:
+def _cut_hub(demo_hub: Path, root: Path, rows: int, changed: dict[int, int] | None = None) -> Path:
+    """A hub of the model and the first ``rows`` NYC POIs, the features of Pid ``p`` replaced by those of Pid
+    ``changed[p]``."""
     base = demo_hub / "datasets" / REPO
-    features = torch.load(base / FEATURES_FILE, weights_only=True).numpy()[:rows]
+    features = torch.load(base / FEATURES_FILE, weights_only=True).numpy()
+    for pid, source in (changed or {}).items():
+        features[pid - 1] = features[source - 1]
+    features = features[:rows]
     metadata = json.loads((base / METADATA_FILE).read_text())
     with (base / PID_MAPPING_FILE).open(newline="") as handle:
         mapping = list(csv.reader(handle))[1:]
@@ -144,6 +151,52 @@ def test_keep_existing_keeps_capped_rows_and_counts_them_toward_the_cap(demo_hub
         if tuple(was) in kept_sids:
             assert code != was
     assert codes == extended_rule(codes[:3000], codes[3000:])  # no dedup code is needed once every SID is unique
+
+
+def test_keep_existing_refuses_a_capped_file_whose_features_changed(demo_hub, tmp_path):
+    """A POI the cap moved holds another SID than its nearest, so changed features cannot be checked: the run refuses
+    with one line before any work and leaves the published files as they are; --force redoes them."""
+    output = OutputSpec(dedup=True, keep_existing=True, max_per_sid=1)
+    out = tmp_path / "out"
+    _run(_cut_hub(demo_hub, tmp_path / "cut", 1000), out, output, executor=ExecutorMode.LOCAL)
+    folder = _folder(out)
+    published = {p.name: p.read_bytes() for p in folder.iterdir()}
+    changed = _cut_hub(demo_hub, tmp_path / "changed", 1000, {5: 900})
+    notes: list[str] = []
+    options = RunOptions(hub=LocalHub(changed), out_dir=str(out), output=output, executor=ExecutorMode.LOCAL)
+    [result] = run_models(SPECS, options, Progress(notes.append))
+    path = folder / f"{FILE}.csv"
+    assert not result.ok and result.error == (
+        f"cannot keep the rows of {path}: the features of its POIs changed or were not recorded, and --max-per-sid "
+        "moved some of them, so their SIDs cannot be checked; use --force to redo it"
+    )
+    assert not any("encoding them again" in note or "POIs written" in note for note in notes), notes
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == published  # byte for byte, nothing beside them
+
+    fresh = replace(output, keep_existing=False)
+    [redone] = _run(changed, out, fresh, force=True, executor=ExecutorMode.LOCAL)
+    assert not redone.skipped and redone.rows == 1000
+    _run(changed, tmp_path / "fresh", fresh, executor=ExecutorMode.LOCAL)
+    assert path.read_bytes() == (_folder(tmp_path / "fresh") / path.name).read_bytes() != published[path.name]
+
+
+def test_too_few_sids_for_the_cap_fail_the_model_before_any_work(tmp_path, capfd):
+    """K x the possible SIDs below the POIs: that model fails with one line before it is encoded and writes no file;
+    the run's other model is written, and the exit status says a model failed."""
+    roomy, tiny = DEFAULT_MODELS[:2]  # NYC models: 32 x 32 x 32 SIDs, and 2 x 2 x 2
+    small = with_codebooks(fitted(tiny), lambda books: [book[:2] for book in books])
+    hub = small_hub(tmp_path / "hub", {roomy: fitted(roomy), tiny: small})
+    out = tmp_path / "out"
+    status, output = run_in_process(hub, out, capfd, "--max-per-sid", "1", roomy, tiny)
+    assert status == 1, output
+    assert [line for line in output.splitlines() if line.startswith("error: ")] == [
+        f"error: {tiny}: --max-per-sid 1 leaves room for 8 POIs (8 SIDs) but there are {ROWS}; raise --max-per-sid"
+    ]
+    assert f"{tiny}: published checkpoint" not in output  # refused before it was taken to encode
+    folder = _folder(out)
+    written = f"codebooks-{parse_model_id(roomy).name}.csv"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST_FILE, written])
+    assert len(_codes(folder / written)) == ROWS
 
 
 def test_a_cap_below_one_is_a_usage_error():

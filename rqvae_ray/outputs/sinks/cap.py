@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray.core.contract import EncodedColumns
-from rqvae_ray.core.sid_cap import Placement, errors, latent_values, movers
+from rqvae_ray.core.sid_cap import Placement, latent_values, movers, quantization_errors
 from rqvae_ray.core.sid_stats import SidCounter, SidLayout
 
 
@@ -26,7 +26,7 @@ class Moves:
     sids: np.ndarray
     extra: float
 
-    def figures(self, max_per_sid: int) -> dict:
+    def figures(self, max_per_sid: int) -> dict[str, int | float]:
         """The cap's figures for the quality report."""
         moved = len(self.rows)
         return {
@@ -82,10 +82,11 @@ class CapSpool:
         self.rows = 0
 
     def add(self, sids: np.ndarray, latent: pa.Array | pa.ChunkedArray) -> None:
+        """Spool the next rows: their packed SIDs and their latents (a column made by ``latent_array``)."""
         values = latent_values(latent)
         records = np.empty(len(sids), dtype=self.dtype)
         records["sid"] = sids
-        records["error"] = errors(values, self.layout.unpack(sids), self.books)
+        records["error"] = quantization_errors(values, self.layout.unpack(sids), self.books)
         records["latent"] = values
         self._file.write(records.tobytes())
         self.rows += len(sids)
@@ -111,6 +112,7 @@ class CapSpool:
         return Moves(rows[order], new[order], extra)
 
     def discard(self) -> None:
+        """Close and delete the spool."""
         with contextlib.suppress(OSError):
             self._file.close()
         self.path.unlink(missing_ok=True)
