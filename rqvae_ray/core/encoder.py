@@ -16,20 +16,50 @@ Batch invariance is by construction, not by luck:
 The Vector is the sum of the chosen float32 codewords, accumulated in float32 level by level, as the original
 system's quantizer does: it depends on the codes alone.
 
-CPU work uses numpy only (no torch import in CPU actors); :class:`TorchEncoder` runs the same steps on CUDA.
+CPU work uses numpy only (no torch import in CPU actors). :class:`TorchEncoder` (CUDA actors) runs the same steps
+with torch, batch-invariant in the same way:
+
+* the batch is cut into chunks of exactly ``CHUNK_ROWS`` rows (``TILES_PER_CHUNK`` blocks, the last chunk padded with
+  rows that read only zeros), and every kernel runs on a chunk or a fixed share of one: the same shapes, so the same
+  kernels and launch configurations, whatever the batch;
+* the first layer is the same gather-sum, as element-wise adds (exact in any launch);
+* each later layer is one ``torch.bmm`` over the chunk's ``[tiles, 256, width]`` view: ``TILES_PER_CHUNK`` problems of
+  the CPU path's block shape, decomposed alike, so a row's rounding can depend at most on its place in its block, as
+  on the CPU (one product over the chunk's 4,096 rows would leave it to how cuBLAS splits 16 times as many output
+  tiles: split-K and stream-K schedules may sum some tiles' K ranges differently);
+* the quantizer takes the exact ``sum((r - c)**2)`` of every codeword (no shortlist) in steps of a fixed shape, with
+  the latent zero-padded to a multiple of 4 so that every row's sum starts equally aligned; ``torch.argmin`` returns
+  the first of equal minima;
+* inputs go up from pinned memory on a side stream, the next chunk's copy overlapping this chunk's compute; codes and
+  latents come back once per chunk. cuBLAS only ever runs on the compute stream.
+
+The two paths round the later layers differently, so they agree on every code except where a row's two nearest
+codewords are closer than float64 rounding; each is batch-invariant on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rqvae_ray.core.checkpoint import ModelWeights
 from rqvae_ray.errors import InputDimensionError
 
+if TYPE_CHECKING:
+    import torch
+
+    _Inputs = tuple[torch.Tensor, torch.Tensor | None]  # one chunk's column indices and values on the device
+
 BLOCK_ROWS = 256
+# The device encoder's fixed chunk of whole blocks, padded like the last block (see TorchEncoder).
+TILES_PER_CHUNK = 16
+CHUNK_ROWS = TILES_PER_CHUNK * BLOCK_ROWS
+# At most this many float64 differences [rows, codewords, latent] in one step of the device quantizer (128 MiB).
+QUANTIZE_ELEMENTS = 1 << 24
 # The shortlist margin, relative to |r|**2 + max |c|**2: about 1e6 times the rounding error of a 64-term float64
 # dot product, and still far below any distance gap that matters.
 SHORTLIST_MARGIN = 1e-10
@@ -187,7 +217,8 @@ class Encoder:
 
 
 class TorchEncoder(Encoder):
-    """The same computation as :class:`Encoder` with torch on a given device (used for CUDA actors)."""
+    """The same computation as :class:`Encoder` with torch on a given device (used for CUDA actors), in chunks of
+    ``CHUNK_ROWS`` rows so that every kernel sees the same shapes whatever the batch (see the module docstring)."""
 
     def __init__(self, weights: ModelWeights, device: str) -> None:
         super().__init__(weights)
@@ -195,65 +226,129 @@ class TorchEncoder(Encoder):
 
         self._torch = torch
         self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         self._t_first_columns = as_tensor(self._first_columns)
         self._t_first_bias = as_tensor(self._first_bias)
-        self._t_layers = [(as_tensor(layer.weight.T), as_tensor(layer.bias), layer.relu) for layer in weights.layers]
-        self._t_codebooks = [as_tensor(book) for book in self._codebooks64]
+        self._first_relu = weights.layers[0].relu
+        # Each weight once on the device, seen as [tiles, in, out] (batch stride 0) by torch.bmm.
+        self._t_layers = [
+            (as_tensor(layer.weight.T).expand(TILES_PER_CHUNK, -1, -1), as_tensor(layer.bias), layer.relu)
+            for layer in weights.layers[1:]
+        ]
+        # Zero columns up to a multiple of 4 (they add +0.0 to each distance) keep every row's run of differences
+        # 32-byte aligned, so that the reduction never starts it differently by its position in the chunk.
+        self._latent_width = -(-weights.latent_dim // 4) * 4
+        pad = ((0, 0), (0, self._latent_width - weights.latent_dim))
+        self._t_codebooks = [as_tensor(np.pad(book, pad)) for book in self._codebooks64]
+        # Rows per quantizer step: a power of two, so that the steps tile the chunk with one shape.
+        self._quantize_rows = [
+            1 << (max(1, min(CHUNK_ROWS, QUANTIZE_ELEMENTS // book.numel())).bit_length() - 1)
+            for book in self._t_codebooks
+        ]
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
 
     def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and the encoder's output ``z`` float64 [n, latent]."""
         self._check_columns(rows)
-        n = rows.num_rows
-        codes = np.empty((n, len(self.weights.codebooks)), dtype=np.int32)
-        latent = np.empty((n, self.weights.latent_dim), dtype=np.float64)
-        if n:
-            hidden = self._device_first_layer(rows)
-            for start in range(0, n, BLOCK_ROWS):
-                block = slice(start, start + BLOCK_ROWS)
-                dense = self._dense_layers(hidden[block])
-                codes[block] = self._quantize(dense)
-                latent[block] = dense.cpu().numpy()
-        return codes, latent
-
-    def _device_first_layer(self, rows: SparseRows):
         torch = self._torch
+        n = rows.num_rows
+        chunks = -(-n // CHUNK_ROWS)
         cols, vals = rows.padded()
-        t_cols = torch.from_numpy(cols).to(self.device)
-        t_vals = None if vals is None else torch.from_numpy(vals).to(self.device)
-        hidden = torch.zeros((rows.num_rows, self._t_first_columns.shape[1]), dtype=torch.float64, device=self.device)
-        for slot in range(cols.shape[1]):
-            term = self._t_first_columns[t_cols[:, slot]]
-            if t_vals is not None:
-                term = term * t_vals[:, slot, None]
+        # Padding rows read only the zero column; their results are dropped.
+        host_cols = self._host(cols, -1, torch.int64)
+        host_vals = None if vals is None else self._host(vals, 0.0, torch.float64)
+        codes = self._pinned((chunks * CHUNK_ROWS, len(self._t_codebooks)), torch.int32)
+        latent = self._pinned((chunks * CHUNK_ROWS, self._latent_width), torch.float64)
+        for chunk, (chunk_cols, chunk_vals) in enumerate(self._device_chunks(host_cols, host_vals)):
+            part = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
+            chunk_latent = self._dense_layers(self._device_first_layer(chunk_cols, chunk_vals))
+            codes[part].copy_(self._quantize(chunk_latent), non_blocking=True)
+            latent[part].copy_(chunk_latent, non_blocking=True)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return codes.numpy()[:n].copy(), latent.numpy()[:n, : self.weights.latent_dim].copy()
+
+    def _pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor, page-locked on CUDA (so that copies to and from it are asynchronous)."""
+        return self._torch.empty(shape, dtype=dtype, pin_memory=self._cuda)
+
+    def _host(self, padded: np.ndarray, fill: float, dtype: torch.dtype) -> torch.Tensor:
+        """``padded`` in a host tensor of whole chunks, the rows past its end set to ``fill``."""
+        n = len(padded)
+        host = self._pinned((-(-n // CHUNK_ROWS) * CHUNK_ROWS, padded.shape[1]), dtype)
+        host.numpy()[:n] = padded
+        host.numpy()[n:] = fill
+        return host
+
+    def _device_chunks(self, host_cols: torch.Tensor, host_vals: torch.Tensor | None) -> Iterator[_Inputs]:
+        """Each chunk's inputs on the device, the next chunk's copy started before this one is handed out."""
+        chunks = len(host_cols) // CHUNK_ROWS
+        upload = self._upload(host_cols, host_vals, 0)
+        for chunk in range(chunks):
+            if self._cuda:
+                compute = self._torch.cuda.current_stream(self.device)
+                compute.wait_stream(self._copy_stream)
+                for tensor in upload:
+                    if tensor is not None:
+                        tensor.record_stream(compute)  # its memory is not reused until the compute stream is past
+            ready = upload
+            if chunk + 1 < chunks:
+                upload = self._upload(host_cols, host_vals, chunk + 1)
+            yield ready
+
+    def _upload(self, host_cols: torch.Tensor, host_vals: torch.Tensor | None, chunk: int) -> _Inputs:
+        """Start copying one chunk's inputs to the device (on the copy stream on CUDA)."""
+        part = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
+        with self._torch.cuda.stream(self._copy_stream) if self._cuda else nullcontext():
+            cols = host_cols[part].to(self.device, non_blocking=True)
+            vals = None if host_vals is None else host_vals[part].to(self.device, non_blocking=True)
+        return cols, vals
+
+    def _device_first_layer(self, cols: torch.Tensor, vals: torch.Tensor | None) -> torch.Tensor:
+        """The gather-sum of :meth:`Encoder._first_layer`: element-wise adds, slot after slot."""
+        columns = self._t_first_columns
+        hidden = columns[cols[:, 0]]  # index -1 (padding) reads the appended zero row
+        if vals is not None:
+            hidden *= vals[:, 0, None]
+        for slot in range(1, cols.shape[1]):
+            term = columns[cols[:, slot]]
+            if vals is not None:
+                term *= vals[:, slot, None]
             hidden += term
         hidden += self._t_first_bias
         return hidden
 
-    def _dense_layers(self, block):  # type: ignore[override]
+    def _dense_layers(self, block: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The later layers on one chunk, as batched products over its ``TILES_PER_CHUNK`` tiles."""
         torch = self._torch
-        rows = block.shape[0]
-        if rows < BLOCK_ROWS:
-            pad = torch.zeros((BLOCK_ROWS - rows, block.shape[1]), dtype=block.dtype, device=self.device)
-            block = torch.cat([block, pad])
-        if self._t_layers[0][2]:
-            block = torch.clamp_min(block, 0.0)
-        for weight_t, bias, relu in self._t_layers[1:]:
-            block = block @ weight_t + bias
+        tiles = block.view(TILES_PER_CHUNK, BLOCK_ROWS, -1)
+        if self._first_relu:
+            tiles.clamp_min_(0.0)
+        for weight_t, bias, relu in self._t_layers:
+            tiles = torch.bmm(tiles, weight_t)
+            tiles += bias
             if relu:
-                block = torch.clamp_min(block, 0.0)
-        return block[:rows]
+                tiles.clamp_min_(0.0)
+        latent = tiles.reshape(CHUNK_ROWS, -1)
+        return torch.nn.functional.pad(latent, (0, self._latent_width - latent.shape[1]))
 
-    def _quantize(self, latent) -> np.ndarray:  # type: ignore[override]
+    def _quantize(self, latent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Codes int32 [CHUNK_ROWS, levels] on the device: per level the exact argmin, in steps of a fixed shape."""
         torch = self._torch
         residual = latent.clone()
-        codes = torch.empty((latent.shape[0], len(self._t_codebooks)), dtype=torch.int64, device=self.device)
-        for level, book in enumerate(self._t_codebooks):
-            distances = torch.square(residual[:, None, :] - book[None, :, :]).sum(dim=2)
-            chosen = torch.argmin(distances, dim=1)
-            codes[:, level] = chosen
+        levels = []
+        for book, step in zip(self._t_codebooks, self._quantize_rows, strict=True):
+            chosen = torch.cat(
+                [
+                    # argmin returns the first of equal minima: ties go to the lowest index.
+                    torch.argmin((residual[start : start + step, None, :] - book).square_().sum(dim=2), dim=1)
+                    for start in range(0, CHUNK_ROWS, step)
+                ]
+            )
             residual -= book[chosen]
-        return codes.cpu().numpy().astype(np.int32)
+            levels.append(chosen)
+        return torch.stack(levels, dim=1).to(torch.int32)
 
 
 def choose_device(use_gpu: bool, cuda_available: bool) -> str:

@@ -1,13 +1,16 @@
-"""The encoder alone: exactness against the reference, batch invariance, input layouts, device choice."""
+"""The encoder alone: exactness against the reference, batch invariance (CPU and device paths), input layouts,
+device choice."""
 
 import numpy as np
 import pytest
 import torch
 
 from rqvae_ray.core.checkpoint import load_checkpoint_file
-from rqvae_ray.core.encoder import Encoder, SparseRows, TorchEncoder, choose_device
+from rqvae_ray.core.encoder import CHUNK_ROWS, Encoder, SparseRows, TorchEncoder, choose_device
 from rqvae_ray.core.rows import rows_from_table, sparse_table
 from tests.reference import reference_sids
+
+MODELS = [("nyc", "rqvae-nyc-div0.25-commit0.5-lr5e-5"), ("tky", "rqvae-tky-div0.5-commit0.25-lr5e-5")]
 
 
 def _load(hub, dataset, model):
@@ -16,10 +19,7 @@ def _load(hub, dataset, model):
     return features, path
 
 
-@pytest.mark.parametrize(
-    ("dataset", "model"),
-    [("nyc", "rqvae-nyc-div0.25-commit0.5-lr5e-5"), ("tky", "rqvae-tky-div0.5-commit0.25-lr5e-5")],
-)
+@pytest.mark.parametrize(("dataset", "model"), MODELS)
 def test_exact_against_reference_and_batch_invariant(demo_hub, dataset, model):
     features, path = _load(demo_hub, dataset, model)
     state = torch.load(path, weights_only=True)["model_state_dict"]
@@ -72,15 +72,59 @@ def test_rows_without_features(demo_hub):
     np.testing.assert_array_equal(vectors, ref_vectors)
 
 
-def test_torch_path_matches_numpy_path(demo_hub):
-    """The CUDA actor's code path, run on the CPU device, gives the same SIDs."""
-    features, path = _load(demo_hub, "tky", "rqvae-tky-div0.0-commit0.25-lr5e-5")
+def _in_batches(encoder: Encoder, features: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and latents of ``features``, encoded ``batch`` rows at a time."""
+    parts = [
+        encoder.encode_latent(SparseRows.from_dense(features[start : start + batch]))
+        for start in range(0, len(features), batch)
+    ]
+    return np.concatenate([codes for codes, _ in parts]), np.concatenate([latent for _, latent in parts])
+
+
+def _assert_batch_invariant(encoder: TorchEncoder, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and latents are the same bits in batches of 1 to 4,097 rows as in one batch of all; returns them.
+
+    Batches under a chunk cover the last ``2 * batch + 1`` rows (each call costs a whole chunk), larger ones all."""
+    codes, latent = encoder.encode_latent(SparseRows.from_dense(features))
+    for batch in (1, 255, 256, 257, 4095, 4096, 4097):
+        picked = slice(-(2 * batch + 1), None) if batch < CHUNK_ROWS else slice(None)
+        got_codes, got_latent = _in_batches(encoder, features[picked], batch)
+        np.testing.assert_array_equal(got_codes, codes[picked], err_msg=f"batch {batch}")
+        np.testing.assert_array_equal(got_latent, latent[picked], err_msg=f"batch {batch}")
+    return codes, latent
+
+
+@pytest.mark.parametrize(("dataset", "model"), MODELS)
+def test_torch_path_exact_and_batch_invariant(demo_hub, dataset, model):
+    """The CUDA actor's code path, run on the CPU device: the reference's SIDs, the numpy encoder's codes and
+    (to rounding) latents, bitwise the same whatever the batch; weighted inputs too."""
+    features, path = _load(demo_hub, dataset, model)
     weights = load_checkpoint_file(path)
-    rows = SparseRows.from_dense(features[:1500])
-    np_codes, np_vectors = Encoder(weights).encode(rows)
-    t_codes, t_vectors = TorchEncoder(weights, "cpu").encode(rows)
-    np.testing.assert_array_equal(np_codes, t_codes)
-    np.testing.assert_array_equal(np_vectors, t_vectors)
+    numpy_encoder, torch_encoder = Encoder(weights), TorchEncoder(weights, "cpu")
+    ref_codes, ref_vectors = reference_sids(torch.load(path, weights_only=True)["model_state_dict"], features)
+    codes, latent = _assert_batch_invariant(torch_encoder, features)
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(torch_encoder.vectors(codes), ref_vectors)
+    np_codes, np_latent = numpy_encoder.encode_latent(SparseRows.from_dense(features))
+    np.testing.assert_array_equal(codes, np_codes)
+    np.testing.assert_allclose(latent, np_latent, rtol=0, atol=1e-12)
+    weighted = SparseRows.from_dense(features[:300] * np.linspace(0.5, 2.0, features.shape[1], dtype=np.float32))
+    np.testing.assert_array_equal(torch_encoder.encode(weighted)[0], numpy_encoder.encode(weighted)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("dataset", "model"), MODELS)
+def test_cuda_codes_match_cpu(demo_hub, dataset, model):
+    """On CUDA: the CPU encoder's codes and (to rounding) latents, bitwise the same whatever the batch."""
+    features, path = _load(demo_hub, dataset, model)
+    weights = load_checkpoint_file(path)
+    numpy_encoder, cuda_encoder = Encoder(weights), TorchEncoder(weights, "cuda")
+    codes, latent = _assert_batch_invariant(cuda_encoder, features)
+    cpu_codes, cpu_latent = numpy_encoder.encode_latent(SparseRows.from_dense(features))
+    np.testing.assert_array_equal(codes, cpu_codes)
+    np.testing.assert_allclose(latent, cpu_latent, rtol=0, atol=1e-12)
+    weighted = SparseRows.from_dense(features * np.linspace(0.5, 2.0, features.shape[1], dtype=np.float32))
+    np.testing.assert_array_equal(cuda_encoder.encode(weighted)[0], numpy_encoder.encode(weighted)[0])
 
 
 @pytest.mark.parametrize(
