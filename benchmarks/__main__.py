@@ -1,4 +1,5 @@
-"""``python -m benchmarks w1`` / ``python -m benchmarks w2 --pois N``: ours (the rqvae_ray CLI) against a baseline.
+"""``python -m benchmarks w1`` / ``w2 --pois N``: ours (the rqvae_ray CLI) against a baseline; ``ceiling``: ours with an
+encoder that does no math against the disk.
 
 Every system runs as a fresh subprocess (interpreter start, imports and, for ours, Ray start-up included), measured
 by :mod:`benchmarks.measure`: wall time, and the peak of the memory summed over the whole process tree (for ours every
@@ -34,6 +35,8 @@ W2_WALL_GOALS = {"csv": 0.6, "parquet": 0.67}
 W2_MEMORY_GOAL = 2 * GIB
 FLAT_TOLERANCE = 1.05
 CODE_GOAL = 0.999
+# The ceiling: streaming SID rows at most this many times the disk's time for the same bytes.
+CEILING_DISK_GOAL = 1.5
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0], no_args_is_help=True)
 
@@ -229,6 +232,8 @@ def _measure(command: list[str], log: Path, verbose: bool) -> Measurement:
         handle.write("# processes at the RSS peak (RSS MiB):\n")
         for label, size in measurement.peak_breakdown:
             handle.write(f"#   {size / (1 << 20):8.1f}  {label}\n")
+        for role, seconds in sorted(measurement.cpu_by_role.items()):
+            handle.write(f"# CPU {seconds:8.2f} s  {role}: {' | '.join(measurement.titles_by_role.get(role, []))}\n")
     if measurement.returncode != 0:
         typer.echo(f"  FAILED (exit {measurement.returncode}); log {log}; last lines:", err=True)
         typer.echo(measurement.tail(15), err=True)
@@ -548,6 +553,81 @@ def w2(
     )
     typer.echo(f"\nresults: {saved}; logs (timestamped output): {bench_dir / 'w2' / 'logs'}")
     if not all(o.ok and (b.ok or not baseline) for o, b in pairs) or not codes_ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ceiling(
+    pois: Annotated[str, typer.Option(help="The two POI counts whose difference is measured.")] = "250000,1000000",
+    formats: Annotated[str, typer.Option("--format", help="Output format(s): csv, parquet or csv,parquet.")] = (
+        "csv,parquet"
+    ),
+    executors: Annotated[str, typer.Option("--executor", help="Executor(s): ray, local or ray,local.")] = "ray,local",
+    repeat: Annotated[int, typer.Option(min=1, help="Pairs of runs per system; the figures are medians.")] = 1,
+    extra_args: Annotated[str, typer.Option(help="Extra arguments for benchmarks.stand_in.")] = "",
+    bench_dir: BenchDir = Path(".bench"),
+    verbose: Verbose = False,
+) -> None:
+    """The ceiling: the real pipeline with an encoder that does no math, at two sizes (start-up cancels), against the
+    disk writing the same bytes; SID rows/s streamed, CPU seconds per process role, streaming/disk."""
+    from benchmarks.ceiling import Ceiling, Pair, disk_write_seconds, output_bytes
+    from benchmarks.generate import NYC_MODELS, cached_hub
+
+    bench_dir = prepare_bench_dir(bench_dir)
+    counts = _parse_list(pois, int)
+    fmts = _parse_list(formats, str)
+    modes = _parse_list(executors, str)
+    if len(counts) != 2 or not 0 < counts[0] < counts[1]:
+        raise typer.BadParameter("--pois takes two counts, the smaller first")
+    if any(f not in ("csv", "parquet") for f in fmts) or any(m not in ("ray", "local") for m in modes):
+        raise typer.BadParameter("--format takes csv and/or parquet, --executor ray and/or local")
+    typer.echo(f"machine: {machine()}")
+    typer.echo(f"product: {product_version()}")
+    hubs = [cached_hub(bench_dir / f"w2_hub_n{n}", n, progress=lambda _: None) for n in counts]
+    systems = [Ceiling(mode, fmt, (counts[0], counts[1]), len(NYC_MODELS)) for fmt in fmts for mode in modes]
+    for run in range(1, repeat + 1):
+        for system in systems:
+            tag = f"{system.fmt}-{system.executor}"
+            measured = []
+            for n, hub in zip(counts, hubs, strict=True):
+                out = bench_dir / "ceiling" / tag / f"n{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                command = [
+                    *[_python(), "-m", "benchmarks.stand_in", "--hub-dir", str(hub), "--out-dir", str(out)],
+                    *["--format", system.fmt, "--executor", system.executor, *extra_args.split()],
+                ]
+                typer.echo(f"  run {run}/{repeat}: {tag}, {n:,} POIs ...")
+                measurement = _measure(command, bench_dir / "ceiling" / "logs" / f"{tag}-n{n}-{run}.log", verbose)
+                typer.echo(f"    {measurement.wall_s:.2f}s, exit {measurement.returncode}, {_load_note(measurement)}")
+                measured.append((measurement, output_bytes(out)))
+            (small, small_bytes), (big, big_bytes) = measured
+            added = max(big_bytes - small_bytes, 1)
+            disk_s = disk_write_seconds(bench_dir / "ceiling" / tag, added)
+            typer.echo(f"    disk: {added / 1e9:.2f} GB written and fsync'd in {disk_s:.2f}s")
+            system.pairs.append(Pair(small, big, added, disk_s))
+            shutil.rmtree(bench_dir / "ceiling" / tag, ignore_errors=True)
+    typer.echo("")
+    for system in systems:
+        if system.ok:
+            typer.echo("\n".join(system.report()))
+        else:
+            typer.echo(f"{system.fmt} on {system.executor}: FAILED (logs in {bench_dir / 'ceiling' / 'logs'})")
+    typer.echo("")
+    typer.echo("goals (ours on Ray):")
+    for system in systems:
+        if system.executor == "ray" and system.ok:
+            _goal(
+                f"ceiling {system.fmt}: streaming <= {CEILING_DISK_GOAL}x the disk's time for the same bytes",
+                system.ratio <= CEILING_DISK_GOAL,
+                f"{system.ratio:.2f}x ({system.added_wall_s:.1f}s vs {system.disk_s:.1f}s)",
+            )
+    saved = _save(
+        bench_dir / "results",
+        "ceiling",
+        {"machine": machine(), "product": product_version(), "systems": [s.summary() for s in systems]},
+    )
+    typer.echo(f"\nresults: {saved}; logs: {bench_dir / 'ceiling' / 'logs'}")
+    if not all(system.ok for system in systems):
         raise typer.Exit(1)
 
 

@@ -10,6 +10,10 @@ kept:
 * PSS: proportional set size (each shared page divided among the processes sharing it), the fair "how much memory do
   these processes use together"; read from ``/proc/<pid>/smaps_rollup`` (Linux), sampled every ``pss_every`` polls
   because it is about 100 times more expensive to read than RSS.
+
+The CPU seconds (user + system) of every process are kept as last sampled, summed per role (:func:`process_role`:
+the driver, the writer actor, the encoder actors, Ray Data's read tasks, Ray's own processes); a process that ends
+between two samples loses at most ``poll_s`` of its CPU.
 """
 
 from __future__ import annotations
@@ -55,6 +59,40 @@ def _label(proc) -> str:
     return f"{' '.join(words)[:60]} (pid {proc.pid})"
 
 
+DRIVER = "driver"
+WRITER = "writer actor"
+ENCODERS = "encoder actors"
+READS = "read tasks"
+OTHER_WORKERS = "other Ray workers"
+IDLE_WORKERS = "idle Ray workers"
+SPILLING = "object spilling (Ray's IO workers)"
+RAY_OWN = "Ray's own (gcs, raylet, agents)"
+
+
+def process_role(cmdline: list[str], is_root: bool) -> str:
+    """What a process of a measured run is, from its command line (a Ray worker's is its process title, which names
+    the task or actor it runs: ``ray::WriterActor.write``, ``ray::MapWorker(MapBatches(EncodeModels))``,
+    ``ray::ReadPoi->...``, ``ray::IDLE``)."""
+    if is_root:
+        return DRIVER
+    title = cmdline[0] if cmdline else ""
+    if not title.startswith("ray::"):
+        # A worker that has not set its title yet runs default_worker.py.
+        return IDLE_WORKERS if any(word.endswith("default_worker.py") for word in cmdline) else RAY_OWN
+    name = title[len("ray::") :]
+    if "SpillWorker" in name or "RestoreWorker" in name:
+        return SPILLING
+    if name.startswith("IDLE"):
+        return IDLE_WORKERS
+    if name.startswith("WriterActor"):
+        return WRITER
+    if "EncodeModels" in name:
+        return ENCODERS
+    if name.startswith("Read"):
+        return READS
+    return OTHER_WORKERS
+
+
 def read_pss(pid: int) -> int | None:
     """Proportional set size of ``pid`` in bytes (Linux ``smaps_rollup``), None when unavailable."""
     try:
@@ -81,6 +119,8 @@ class Measurement:
     peak_breakdown: list[tuple[str, int]] = field(default_factory=list)  # (process, RSS bytes) at the RSS peak
     load_before: float | None = None  # 1-minute load average of the machine when the command started
     load_after: float | None = None  # ... and when it ended (others' work on a shared machine shows here)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds (user + system) per process role
+    titles_by_role: dict[str, list[str]] = field(default_factory=dict)  # the process titles seen in each role
 
     @property
     def output(self) -> str:
@@ -104,6 +144,27 @@ class TreeSampler:
         self.peak_processes = 0
         self.peak_breakdown: list[tuple[str, int]] = []
         self._cmdline_seen: set[int] = set()
+        self.cpu: dict[int, float] = {}  # CPU seconds of each process as last sampled
+        self.roles: dict[int, str] = {}  # the role of each process: the first one it was seen in, past idling
+        self.titles: dict[str, set[str]] = {}
+
+    def cpu_by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for pid, seconds in self.cpu.items():
+            role = self.roles[pid]
+            totals[role] = totals.get(role, 0.0) + seconds
+        return totals
+
+    def _record_cpu(self, proc) -> None:
+        try:
+            times = proc.cpu_times()
+            cmdline = proc.cmdline()
+        except self.psutil.Error:
+            return
+        self.cpu[proc.pid] = times.user + times.system
+        if self.roles.get(proc.pid, IDLE_WORKERS) == IDLE_WORKERS:
+            self.roles[proc.pid] = process_role(cmdline, proc.pid == self.root_pid)
+        self.titles.setdefault(self.roles[proc.pid], set()).add(" ".join(cmdline)[:100])
 
     def _processes(self) -> list:
         psutil = self.psutil
@@ -144,6 +205,7 @@ class TreeSampler:
                 continue
             rss += size
             alive.append(proc)
+            self._record_cpu(proc)
             sizes.append(size)
         if rss > self.peak_rss:
             self.peak_rss = rss
@@ -220,6 +282,8 @@ def run_measured(
         peak_breakdown=sampler.peak_breakdown,
         load_before=load_before,
         load_after=_load(),
+        cpu_by_role=sampler.cpu_by_role(),
+        titles_by_role={role: sorted(titles) for role, titles in sampler.titles.items()},
     )
 
 

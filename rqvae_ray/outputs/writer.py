@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,6 +118,9 @@ class DatasetWriter:
         except BaseException:
             self.abort()
             raise
+        # Each model's file is written by a thread of its own (formatting, Parquet encoding, hashing and writing
+        # release the GIL): the files of a block are written side by side, not one after another.
+        self._threads = ThreadPoolExecutor(len(self.sinks), "rqvae_ray-sink") if len(self.sinks) > 1 else None
         self.next_pid = output.first_pid
         self.published: list[Path] = []
         self.published_entries: dict[str, ManifestEntry] = {}
@@ -137,8 +141,7 @@ class DatasetWriter:
                 "expected); the input's Pids must run 1..N in order"
             )
         try:
-            for sink in self.sinks:
-                sink.append(block)
+            self._each_sink(lambda sink: sink.append(block))
         except OSError as exc:
             raise _cannot_write(exc, self.folder, self.temporary) from None
         self.next_pid += len(pids)
@@ -146,11 +149,27 @@ class DatasetWriter:
             self.checkpoint()
         return self.next_pid - 1
 
+    def _each_sink(self, work) -> None:
+        """``work(sink)`` for every sink, side by side; once all are done, the first sink's error is raised."""
+        if self._threads is None:
+            for sink in self.sinks:
+                work(sink)
+            return
+        done = [self._threads.submit(work, sink) for sink in self.sinks]
+        wait(done)
+        for future in done:
+            future.result()
+
+    def _stop_threads(self) -> None:
+        """Wait for the sinks' threads to finish what they write, and end them."""
+        threads = getattr(self, "_threads", None)  # absent when opening failed
+        if threads is not None:
+            threads.shutdown(wait=True)
+
     def checkpoint(self) -> None:
         """Make every file's SIDs so far safe on disk, so that an interrupted run resumes from here."""
         try:
-            for sink in self.sinks:
-                sink.checkpoint()
+            self._each_sink(lambda sink: sink.checkpoint())
         except OSError as exc:
             raise _cannot_write(exc, self.folder, self.temporary) from None
         self._checkpointed = time.monotonic()
@@ -159,6 +178,7 @@ class DatasetWriter:
         """Validate every file, rename it and its exports into place and update the manifest; one result per model
         (a :class:`Refused` one for a model whose kept POIs now get other SIDs or whose files cannot be put in place).
         """
+        self._stop_threads()
         if not self.folder.is_dir():  # removed during the run: closing the exports would fail on their own names
             self.abort()
             gone = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
@@ -280,6 +300,7 @@ class DatasetWriter:
 
     def abort(self, keep_resume: bool = False) -> None:
         """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes."""
+        self._stop_threads()
         for sink in self.sinks:
             sink.discard(keep_resume)
         if self.root is not None and not self.published:

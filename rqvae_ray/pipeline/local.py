@@ -63,7 +63,9 @@ class _LocalStream(DatasetStream):
         def encode(block: pa.Table) -> pa.Table:
             stage = getattr(local, "stage", None)
             if stage is None:
-                stage = local.stage = EncodeModels(repo=loaded.repo, models=models, spec=spec)
+                stage = local.stage = EncodeModels(
+                    repo=loaded.repo, models=models, spec=spec, encoder_factory=options.encoder_factory
+                )
             return stage(block)
 
         blocks = iter_blocks(loaded.features, max(options.batch_size, MIN_BLOCK_ROWS), loaded.first_pid)

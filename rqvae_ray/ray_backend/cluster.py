@@ -79,6 +79,9 @@ def configure_data_context(block_bytes: int = BLOCK_BYTES) -> None:
     # Blocks of about one batch's output: the writer gets rows as soon as a batch is encoded, rather than once Ray
     # Data has gathered 128 MiB of them, and no process holds more than a few blocks of rows.
     ctx.target_max_block_size = block_bytes
+    # Ray Data's own blocks take at most a quarter of the object store (its default is half): with the blocks handed
+    # to the writer on top, half made a private Ray on 2 CPUs (a 1 GiB store) spill CSV blocks to disk more often.
+    ctx.override_object_store_memory_limit_fraction = 0.25
     # Ray Data restarts a dead encoder actor and retries its tasks (max_restarts=-1, max_task_retries=-1 are its
     # defaults for actor pools); a block that still fails must fail the dataset rather than be skipped.
     ctx.max_errored_blocks = 0

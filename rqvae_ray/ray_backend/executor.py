@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 
-from rqvae_ray.core.contract import OutputSpec
+from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.errors import WriterDied
 from rqvae_ray.inputs.features import PoiFeatures
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
@@ -22,6 +22,8 @@ from rqvae_ray.pipeline.options import RunOptions
 from rqvae_ray.pipeline.progress import Progress
 from rqvae_ray.ray_backend import compat
 from rqvae_ray.ray_backend.cluster import (
+    BLOCK_BYTES,
+    CSV_BLOCK_BYTES,
     ClusterShape,
     configure_data_context,
     reserve_actors,
@@ -34,15 +36,17 @@ from rqvae_ray.stages.encode import EncodeModels
 # Blocks are at least this big, so that tiny batch sizes change only how often the UDF is called, not the number of
 # objects the cluster has to track.
 MIN_BLOCK_ROWS = 256
-# Blocks handed to the writer but not yet written; bounds the driver's and the object store's backlog.
-MAX_PENDING_WRITES = 16
+# Bytes of blocks handed to the writer but not yet written (in blocks, at least 2): the object store's backlog, which
+# Ray Data does not count (16 of CSV's 16 MiB blocks would take a quarter of a private Ray's 1 GiB store on 2 CPUs).
+PENDING_WRITE_BYTES = 64 << 20
 
 
 class RayExecutor(Executor):
-    """Runs on the cluster at ``address`` (or ``RAY_ADDRESS``), else on a private local Ray."""
+    """Runs on the cluster at ``address`` (or ``RAY_ADDRESS``), else on a private local Ray; writes ``fmt``."""
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(self, address: str | None, fmt: OutputFormat) -> None:
         self.address = address
+        self.block_bytes = CSV_BLOCK_BYTES if fmt is OutputFormat.CSV else BLOCK_BYTES
         self.cluster: ClusterShape | None = None
         self.writer = None
 
@@ -53,7 +57,7 @@ class RayExecutor(Executor):
         from rqvae_ray.ray_backend.writer_actor import WriterActor
 
         self.cluster = start_ray(self.address)
-        configure_data_context()
+        configure_data_context(self.block_bytes)
         # No GPU, and on the driver's node, where --out-dir is and where the Hugging Face token is configured (it is
         # read there, never shipped through Ray). One call at a time: each dataset's calls run in the driver's order.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -64,7 +68,8 @@ class RayExecutor(Executor):
         )
 
     def dataset(self, datasets: int) -> DatasetStream:
-        return _RayStream(self.writer, self.cluster.now(), datasets)  # a dataset planned later sees nodes added since
+        # A dataset planned later sees the nodes added since.
+        return _RayStream(self.writer, self.cluster.now(), datasets, max(2, PENDING_WRITE_BYTES // self.block_bytes))
 
     def wait(self, futures: list[Future]) -> None:
         wait_watching_cluster(futures)
@@ -78,8 +83,9 @@ class RayExecutor(Executor):
 
 
 class _RayStream(DatasetStream):
-    def __init__(self, writer, cluster: ClusterShape, datasets: int) -> None:
+    def __init__(self, writer, cluster: ClusterShape, datasets: int, max_pending: int) -> None:
         self.writer = writer
+        self.max_pending = max_pending
         self.cluster = cluster
         self.datasets = datasets
         self.repo = ""
@@ -98,11 +104,11 @@ class _RayStream(DatasetStream):
         progress.note(f"{loaded.repo}: {plan.describe()}")
         first = plan.pools[0]
         reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, self.cluster)
-        ds = build_dataset(loaded, plan, options.output, options.batch_size)
+        ds = build_dataset(loaded, plan, options)
         pending: deque = deque()
         for ref, span in compat.block_refs(ds):
             pending.append(self.writer.write.remote(self.repo, ref, span))
-            while pending and (len(pending) > MAX_PENDING_WRITES or ray.wait([pending[0]], timeout=0)[0]):
+            while pending and (len(pending) > self.max_pending or ray.wait([pending[0]], timeout=0)[0]):
                 yield self._get(pending.popleft())
         while pending:
             yield self._get(pending.popleft())
@@ -144,7 +150,7 @@ def _death_cause(error) -> str:
     return "it was killed or crashed"
 
 
-def build_dataset(loaded: Loaded, plan: DatasetPlan, spec: OutputSpec, batch_size: int):
+def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions):
     """The Ray Dataset of one plan: the POI rows from ``loaded.first_pid`` on in Pid order through the plan's pools
     (chained one after another when there are several); each output block holds ``Pid`` and every model's columns."""
     from ray.data import ActorPoolStrategy
@@ -152,18 +158,19 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, spec: OutputSpec, batch_siz
     from rqvae_ray.ray_backend.datasource import poi_dataset
 
     features: PoiFeatures = loaded.features
-    ds = poi_dataset(features, max(batch_size, MIN_BLOCK_ROWS), loaded.first_pid)
+    ds = poi_dataset(features, max(options.batch_size, MIN_BLOCK_ROWS), loaded.first_pid)
     for number, pool in enumerate(plan.pools):
         ds = ds.map_batches(
             EncodeModels,
             fn_constructor_kwargs={
                 "repo": features.repo,
                 "models": stage_models(loaded, pool.models),
-                "spec": spec,
+                "spec": options.output,
                 "keep_inputs": number < len(plan.pools) - 1,
                 "use_gpu": pool.num_gpus > 0,
+                "encoder_factory": options.encoder_factory,
             },
-            batch_size=batch_size,
+            batch_size=options.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
             compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),

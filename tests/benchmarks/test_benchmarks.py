@@ -15,15 +15,33 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks import baseline, generate, original
+from benchmarks.ceiling import Ceiling, Pair, disk_write_seconds, output_bytes
 from benchmarks.compare import compare_files, output_file, product_csv_bytes, read_codes
-from benchmarks.measure import run_measured
+from benchmarks.measure import (
+    DRIVER,
+    ENCODERS,
+    IDLE_WORKERS,
+    OTHER_WORKERS,
+    RAY_OWN,
+    READS,
+    SPILLING,
+    WRITER,
+    Measurement,
+    process_role,
+    run_measured,
+)
+from benchmarks.stand_in import stand_in
 from rqvae_ray.core.checkpoint import load_checkpoint_file
-from rqvae_ray.core.encoder import Encoder
+from rqvae_ray.core.encoder import Encoder, codeword_sums
 from rqvae_ray.core.formatting import CSV_HEADER
 from rqvae_ray.core.rows import rows_from_table
 from rqvae_ray.inputs.demo import build_features
 from rqvae_ray.inputs.features import load_features
+from rqvae_ray.inputs.model_ids import parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
+from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
+from rqvae_ray.pipeline.progress import Progress
+from rqvae_ray.runner import run_models
 
 N = 3000
 SHARD_ROWS = 1200
@@ -183,3 +201,89 @@ def test_read_codes_ignores_a_dedup_extra_code(tmp_path):
     )
     pq.write_table(table, tmp_path / "codebooks-x.parquet")
     assert read_codes(tmp_path / "codebooks-x.parquet")[1].tolist() == [[7, 8, 9], [7, 8, 9]]
+
+
+def test_stand_in_gives_equal_rows_equal_sids_and_the_real_vectors(synthetic_hub):
+    weights = load_checkpoint_file(synthetic_hub / "models" / MODEL / "rqvae_best.pt")
+    table = pa.concat_tables(pq.read_table(path) for path in _shards(synthetic_hub))
+    rows = rows_from_table(table)
+    encoder = stand_in(weights)
+    codes, vectors = encoder.encode(rows)
+    assert codes.dtype == np.int32 and codes.shape == (N, len(weights.codebooks))
+    assert (codes >= 0).all() and (codes < np.array(weights.codebook_sizes)).all()
+    assert vectors.dtype == np.float32 and np.array_equal(vectors, codeword_sums(weights.codebooks, codes))
+    assert np.array_equal(stand_in(weights).encode(rows)[0], codes)  # a function of the rows and the model
+    again = rows_from_table(pa.concat_tables([table.slice(10, 1), table.slice(10, 1)]))
+    first, second = encoder.encode(again)[0]
+    assert np.array_equal(first, codes[10]) and np.array_equal(second, codes[10])
+    assert len(np.unique(codes, axis=0)) > 0.9 * N  # 3,000 rows over 32,768 SIDs: few collide, as with real models
+
+
+def test_stand_in_writes_the_same_bytes_through_both_executors(synthetic_hub, local_ray, tmp_path):
+    for executor in (ExecutorMode.LOCAL, ExecutorMode.RAY):
+        options = RunOptions(
+            hub=LocalHub(synthetic_hub),
+            out_dir=str(tmp_path / executor.value),
+            executor=executor,
+            batch_size=1000,
+            encoder_factory=stand_in,
+        )
+        [result] = run_models(parse_model_ids([MODEL]), options, Progress(lambda _: None))
+        assert result.ok and result.rows == N, result.error
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    [published] = [p.relative_to(local) for p in local.rglob("codebooks-*.csv")]
+    assert (local / published).read_bytes() == (ray / published).read_bytes()
+    assert output_bytes(local) == (local / published).stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "is_root", "role"),
+    [
+        (["/venv/bin/python", "-m", "benchmarks.stand_in"], True, DRIVER),
+        (["ray::WriterActor.write"], False, WRITER),
+        (["ray::WriterActor"], False, WRITER),
+        (["ray::MapWorker(MapBatches(EncodeModels))"], False, ENCODERS),
+        (["ray::ReadPoi->SplitBlocks(2)"], False, READS),
+        (["ray::IDLE"], False, IDLE_WORKERS),
+        (["ray::IDLE_SpillWorker"], False, SPILLING),
+        (
+            ["/venv/bin/python", "/venv/.../ray/_private/workers/default_worker.py", "--node-ip-address=1"],
+            False,
+            IDLE_WORKERS,
+        ),
+        (["ray::_StatsActor"], False, OTHER_WORKERS),
+        (["/venv/.../ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/ray"], False, RAY_OWN),
+        (["/venv/.../ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"], False, RAY_OWN),
+        ([], False, RAY_OWN),
+    ],
+)
+def test_process_role_from_the_command_line(cmdline, is_root, role):
+    assert process_role(cmdline, is_root) == role
+
+
+def test_sampler_keeps_the_cpu_seconds_of_the_driver():
+    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\n"
+    measurement = run_measured([sys.executable, "-c", busy], poll_s=0.05)
+    assert measurement.returncode == 0
+    assert measurement.cpu_by_role[DRIVER] >= 0.4
+
+
+def _measurement(wall_s: float, cpu: dict[str, float]) -> Measurement:
+    return Measurement(
+        command=[], returncode=0, wall_s=wall_s, peak_rss=0, peak_pss=None, peak_processes=1, cpu_by_role=cpu
+    )
+
+
+def test_ceiling_figures_come_from_the_difference_of_the_two_sizes(tmp_path):
+    system = Ceiling("ray", "csv", (1000, 3000), models=5)
+    system.pairs = [
+        Pair(_measurement(10.0, {DRIVER: 2.0}), _measurement(14.0, {DRIVER: 3.0, WRITER: 1.0}), 4_000_000, 1.0),
+        Pair(_measurement(11.0, {DRIVER: 2.0}), _measurement(16.0, {DRIVER: 4.0}), 4_000_000, 2.0),
+    ]
+    assert system.added_sid_rows == 10_000
+    assert system.added_wall_s == 4.5 and system.disk_s == 1.5 and system.ratio == 3.0
+    assert system.rows_per_s == 10_000 / 4.5
+    assert system.cpu() == {DRIVER: (3.5, 1e6 * 1.5 / 10_000), WRITER: (0.5, 1e6 * 0.5 / 10_000)}
+    assert "streaming/disk 3.00x" in system.report()[0]
+    seconds = disk_write_seconds(tmp_path / "probe", 3 << 20)
+    assert seconds > 0 and list((tmp_path / "probe").iterdir()) == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
+from rqvae_ray.core.encoder import Encoder, SparseRows, codeword_sums
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS, choose_executor
@@ -54,3 +56,33 @@ def test_both_executors_write_the_same_bytes_with_dedup_tokens_and_exports(demo_
     assert len(published) == 3 * 4  # the codebooks file, the index, the tensor and the prefixes of each model
     for rel in published:
         assert (local / rel).read_bytes() == (ray / rel).read_bytes(), rel
+
+
+class _FirstCodewords(Encoder):
+    """Every row gets the first codeword of every level: an SID no real model gives all the demo's POIs."""
+
+    def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.zeros((rows.num_rows, len(self.weights.codebooks)), dtype=np.int32)
+        return codes, codeword_sums(self.weights.codebooks, codes).astype(np.float64)
+
+
+def _first_codewords(weights, use_gpu: bool = False) -> Encoder:
+    return _FirstCodewords(weights)
+
+
+def test_the_encoder_factory_builds_the_encoders_of_both_executors(demo_hub, local_ray, tmp_path):
+    specs = parse_model_ids([DEFAULT_MODELS[0]])
+    for executor in (ExecutorMode.LOCAL, ExecutorMode.RAY):
+        options = RunOptions(
+            hub=LocalHub(demo_hub),
+            out_dir=str(tmp_path / executor.value),
+            executor=executor,
+            encoder_factory=_first_codewords,  # pickled into Ray's encoder actors
+        )
+        [result] = run_models(specs, options, Progress(lambda _: None))
+        assert result.ok, result.error
+        assert result.unique_sids == 1 and result.rows == 5135
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    [published] = [p.relative_to(local) for p in local.rglob("codebooks-*.csv")]
+    assert (local / published).read_bytes() == (ray / published).read_bytes()
+    assert (local / published).read_text().splitlines()[1].startswith('1,"[0, 0, 0]",')
