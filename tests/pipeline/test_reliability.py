@@ -261,10 +261,10 @@ INTERRUPTED_MODELS = [DEFAULT_MODELS[0], *DEFAULT_MODELS[8:10]]  # one NYC model
 
 @pytest.fixture(scope="module")
 def nyc_and_long_tky(demo_hub, tmp_path_factory) -> tuple[Path, Path]:
-    """A hub with the demo NYC dataset and TKY eight times over (far more work than NYC), and the outputs of an
+    """A hub with the demo NYC dataset and TKY 24 times over (far more work than NYC), and the outputs of an
     uninterrupted run of :data:`INTERRUPTED_MODELS` on it."""
     root = tmp_path_factory.mktemp("nyc_and_long_tky")
-    hub = _tiled_tky_hub(demo_hub, root / "hub", INTERRUPTED_MODELS[1:], copies=8)
+    hub = _tiled_tky_hub(demo_hub, root / "hub", INTERRUPTED_MODELS[1:], copies=24)
     nyc = parse_model_id(INTERRUPTED_MODELS[0])
     shutil.copytree(demo_hub / "models" / nyc.org / nyc.name, hub / "models" / nyc.org / nyc.name)
     shutil.copytree(demo_hub / "datasets" / "comp5331poi" / "nyc", hub / "datasets" / "comp5331poi" / "nyc")
@@ -295,7 +295,7 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_an
     proc = _start_cli([*args, "--executor", executor])
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    # Interrupted once NYC is published and TKY (eight times NYC's work) is being written: states, not timing.
+    # Interrupted once NYC is published and TKY (~70 times NYC's SID rows) is being written: states, not timing.
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if _published(nyc_file) and tky.is_dir() and list(tky.glob(".codebooks-*.resume.json")):
