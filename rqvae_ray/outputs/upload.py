@@ -3,12 +3,15 @@ made before any work (the token is accepted and may write, each dataset repo exi
 
 ``huggingface_hub`` retries its own preupload and LFS calls, but not the commit request of ``create_commit``; that
 one call is retried here (see :mod:`rqvae_ray.inputs.retry`). The token is never passed around:
-``huggingface_hub`` reads it (``HF_TOKEN`` or the saved login) in the process that uploads.
+``huggingface_hub`` reads it (``HF_TOKEN`` or the saved login) in each process that uploads.
+
+Files written on another node are pre-uploaded there (:func:`preupload_files`); the commit, made where the run was
+started, then only refers to them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,12 +117,47 @@ def _status(exc: Exception) -> int | None:
 
 
 @dataclass(frozen=True)
+class Preuploaded:
+    """The commit operations of files pre-uploaded by one process (see :func:`preupload_files`), and where the files
+    stay until the commit is made (named when it fails)."""
+
+    operations: list
+    kept_in: str
+
+
+@dataclass(frozen=True)
 class ManifestUpdate:
     """The manifest committed with the files: its path in the repo, and how the repo's current manifest (its bytes,
     None when it has none) becomes the committed one."""
 
     path_in_repo: str
     update: Callable[[bytes | None], bytes]
+
+
+def preupload_files(repo_id: str, files: list[tuple[Path, str]], retries: int = 5, backoff_s: float = 1.0) -> list:
+    """Upload ``(local path, path in repo)`` pairs of dataset repo ``repo_id`` ahead of its commit, from the process
+    (and node) that holds them: the commit operations that another process passes to :func:`commit_files`.
+
+    Large files go to the Hub's storage now (``preupload_lfs_files``) and the operation only names them; a file the
+    Hub takes inline in the commit request travels in its operation, as bytes.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    operations = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in files]
+    try:
+        call_with_retries(
+            lambda: HfApi().preupload_lfs_files(repo_id, operations, repo_type="dataset", free_memory=True),
+            retries,
+            backoff_s,
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure left after the retries is reported the same way
+        raise UploadError(f"upload to dataset repo {repo_id} failed: {describe_error(exc)}", repo=repo_id) from None
+    return [
+        operation
+        if operation._is_uploaded  # noqa: SLF001 - huggingface_hub's mark of a pre-uploaded file
+        else CommitOperationAdd(path_in_repo=operation.path_in_repo, path_or_fileobj=Path(src).read_bytes())
+        for operation, (src, _) in zip(operations, files, strict=True)
+    ]
 
 
 def commit_files(
@@ -129,8 +167,10 @@ def commit_files(
     retries: int = 5,
     backoff_s: float = 1.0,
     manifest: ManifestUpdate | None = None,
+    prepared: Sequence = (),
 ) -> str:
-    """Upload ``(local path, path in repo)`` pairs to dataset repo ``repo_id`` in one commit; returns its oid.
+    """Upload ``(local path, path in repo)`` pairs to dataset repo ``repo_id`` in one commit, with the operations
+    ``prepared`` by :func:`preupload_files` elsewhere; returns the commit oid.
 
     With ``manifest`` the repo's manifest is read at the head of its branch and the commit is made on that head only
     (``parent_commit``): when another commit lands in between, the manifest is read and updated again, so that no
@@ -140,6 +180,7 @@ def commit_files(
 
     api = HfApi()
     operations = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in files]
+    operations.extend(prepared)
     summary, _, description = message.partition("\n\n")
 
     def commit() -> str:

@@ -14,10 +14,12 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -29,6 +31,9 @@ from rqvae_ray.outputs.resume import remove_resume_state
 from rqvae_ray.outputs.sinks.model_sink import ModelSink
 from rqvae_ray.outputs.staging import folder_lock, remove_stale_partials
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
+
+if TYPE_CHECKING:
+    from rqvae_ray.outputs.upload import Preuploaded
 
 # How often the writer makes its journals safe on disk: an interrupted run is resumed from the last checkpoint.
 CHECKPOINT_S = 2.0
@@ -261,42 +266,29 @@ class DatasetWriter:
         return [self.folder / stale for stale in sorted(names)]
 
     def upload(self, message: str, retries: int, backoff_s: float) -> str:
-        """Commit this run's files to the dataset repo (see :meth:`upload_finished`); returns the commit oid."""
+        """Commit this run's files to the dataset repo (see :func:`commit_dataset`); returns the commit oid."""
         entries = list(self.published_entries.values())
-        oid = self.upload_finished(self.repo, self.folder, self.base_folder, entries, message, retries, backoff_s)
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        files = repo_files(self.folder, self.base_folder, entries)
+        oid = commit_dataset(self.repo, self.base_folder, entries, message, retries, backoff_s, files=files)
+        self.release()
         return oid
 
-    @staticmethod
-    def upload_finished(
-        repo: str,
-        folder: Path,
-        base_folder: str,
-        entries: list[ManifestEntry],
-        message: str,
-        retries: int,
-        backoff_s: float,
-    ) -> str:
-        """Commit the finished files of ``entries`` in ``folder`` (each file and its exports) to dataset repo ``repo``
-        in one commit, with the repo's manifest updated by ``entries`` (the repo's entries of other files stay,
-        whatever the folder's manifest holds); returns the commit oid."""
-        from rqvae_ray.outputs.upload import ManifestUpdate, commit_files
+    def preupload(self, retries: int, backoff_s: float) -> Preuploaded:
+        """This run's files, pre-uploaded from this node for the commit that the driver makes (see
+        :func:`~rqvae_ray.outputs.upload.preupload_files`)."""
+        from rqvae_ray.outputs.upload import Preuploaded, preupload_files
 
-        prefix = repo_folder(base_folder)
-        names = [name for entry in entries for name in (entry.file, *(record.file for record in entry.exports))]
-        files = [(folder / name, f"{prefix}/{name}") for name in names]
-
-        def repo_manifest(current: bytes | None) -> bytes:
-            manifest = Manifest.parse(folder, repo, current, where=f"{prefix}/{MANIFEST_FILE} of dataset repo {repo}")
-            manifest.entries.update({entry.file: entry for entry in entries})
-            return manifest.to_bytes()
-
-        manifest = ManifestUpdate(f"{prefix}/{MANIFEST_FILE}", repo_manifest)
+        kept_in = f"{self.folder} on {socket.gethostname()}"
+        files = repo_files(self.folder, self.base_folder, list(self.published_entries.values()))
         try:
-            return commit_files(repo, files, message, retries=retries, backoff_s=backoff_s, manifest=manifest)
+            return Preuploaded(preupload_files(self.repo, files, retries, backoff_s), kept_in)
         except UploadError as exc:
-            raise UploadError(f"{exc}; the finished files are kept in {folder}", repo=repo) from None
+            raise UploadError(f"{exc}; the finished files are kept in {kept_in}", repo=self.repo) from None
+
+    def release(self) -> None:
+        """Remove an upload-only run's temporary folder, once its files are committed."""
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def abort(self, keep_resume: bool = False) -> None:
         """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes."""
@@ -305,3 +297,42 @@ class DatasetWriter:
             sink.discard(keep_resume)
         if self.root is not None and not self.published:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def repo_files(folder: Path, base_folder: str, entries: list[ManifestEntry]) -> list[tuple[Path, str]]:
+    """The files of ``entries`` in ``folder`` (each codebooks file and its exports), with their paths in the repo."""
+    prefix = repo_folder(base_folder)
+    names = [name for entry in entries for name in (entry.file, *(record.file for record in entry.exports))]
+    return [(folder / name, f"{prefix}/{name}") for name in names]
+
+
+def commit_dataset(
+    repo: str,
+    base_folder: str,
+    entries: list[ManifestEntry],
+    message: str,
+    retries: int,
+    backoff_s: float,
+    files: list[tuple[Path, str]] = (),
+    preuploaded: list[Preuploaded] = (),
+) -> str:
+    """Commit the finished files of ``entries`` to dataset repo ``repo`` in one commit: ``files`` from this node
+    (see :func:`repo_files`) and those ``preuploaded`` from others, with the repo's manifest updated by ``entries``
+    (the repo's entries of other files stay, whatever a folder's manifest holds); returns the commit oid."""
+    from rqvae_ray.outputs.upload import ManifestUpdate, commit_files
+
+    prefix = repo_folder(base_folder)
+    prepared = [operation for part in preuploaded for operation in part.operations]
+
+    def repo_manifest(current: bytes | None) -> bytes:
+        where = f"{prefix}/{MANIFEST_FILE} of dataset repo {repo}"
+        manifest = Manifest.parse(Path(prefix), repo, current, where=where)
+        manifest.entries.update({entry.file: entry for entry in entries})
+        return manifest.to_bytes()
+
+    manifest = ManifestUpdate(f"{prefix}/{MANIFEST_FILE}", repo_manifest)
+    try:
+        return commit_files(repo, list(files), message, retries, backoff_s, manifest=manifest, prepared=prepared)
+    except UploadError as exc:
+        folders = dict.fromkeys([*(str(path.parent) for path, _ in files), *(part.kept_in for part in preuploaded)])
+        raise UploadError(f"{exc}; the finished files are kept in {', '.join(folders)}", repo=repo) from None

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from rqvae_ray.errors import Cancelled, RqvaeRayError, reason_of
 from rqvae_ray.inputs.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
-from rqvae_ray.outputs.writer import DatasetWriter
+from rqvae_ray.outputs.writer import commit_dataset, repo_files
 from rqvae_ray.pipeline.jobs import Loaded, commit_message, dataset_output, interrupted, load_dataset
 from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
 from rqvae_ray.pipeline.progress import Progress
@@ -224,9 +224,8 @@ def run_dataset(
                 commit = stream.upload(message, retries, backoff_s)
             else:  # the output folder is on this node: the finished files and the up-to-date ones go together
                 entries = [f.entry for f in published] + [a.entry for a in loaded.as_is]
-                commit = DatasetWriter.upload_finished(
-                    repo, loaded.folder, options.base_folder, entries, message, retries, backoff_s
-                )
+                files = repo_files(loaded.folder, options.base_folder, entries)
+                commit = commit_dataset(repo, options.base_folder, entries, message, retries, backoff_s, files)
             progress.note(f"{repo}: uploaded as commit {commit}")
     # The dataset's boundary: whatever went wrong (ours, the executor's, or a bug) is these models' failure, found by
     # class along the executor's wrapping; the other datasets carry on.

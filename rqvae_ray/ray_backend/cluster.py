@@ -97,19 +97,23 @@ def configure_data_context(block_bytes: int = BLOCK_BYTES) -> None:
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """What the cluster offers in all: CPUs and GPUs; ``private`` when it is a local Ray this run started (whose
-    resources never change and hold nothing else)."""
+    """What the cluster offers in all: CPUs and GPUs, and the CPUs of the driver's node; ``private`` when it is a
+    local Ray this run started (whose resources never change and hold nothing else)."""
 
     cpus: float
     gpus: float
     private: bool = False
+    driver_cpus: float = 1.0
 
     @classmethod
     def current(cls, private: bool = False) -> ClusterShape:
         import ray
 
         resources = ray.cluster_resources()
-        return cls(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), private)
+        here = ray.get_runtime_context().get_node_id()
+        node = next((node for node in ray.nodes() if node.get("NodeID") == here), {})
+        driver_cpus = float(node.get("Resources", {}).get("CPU", 1.0))
+        return cls(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), private, driver_cpus)
 
     def now(self) -> ClusterShape:
         """The shape at this moment: a private Ray's never changes; a joined cluster's is read again (an autoscaling

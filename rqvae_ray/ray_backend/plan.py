@@ -112,3 +112,61 @@ def _actors(sizing: PoolSizing, sid_rows: int, use_gpus: bool, cluster: ClusterS
         wanted = math.ceil(sid_rows / SID_ROWS_PER_ACTOR)
     count = max(1, min(share, wanted))
     return count, count
+
+
+# The CPUs that one writer actor keeps busy at full speed (formatting is done by the encoders; it hashes, writes and
+# journals, with a thread per file): the writers of a run take at most the CPUs where they may run over this.
+CPUS_PER_WRITER = 2
+# SID rows that one writer actor takes a minute or so to write as CSV, far more than starting it costs: a dataset gets
+# another writer per this many SID rows.
+SID_ROWS_PER_WRITER = 20_000_000
+
+
+@dataclass(frozen=True)
+class WriterPlan:
+    """The writer actors of one dataset: the models (indices into its targets) each writes, and whether they may run
+    on any node (an upload-only run) rather than on the driver's, where ``--out-dir`` is."""
+
+    parts: tuple[tuple[int, ...], ...]
+    anywhere: bool
+
+    def describe(self) -> str:
+        where = "spread over the cluster" if self.anywhere else "on the driver's node"
+        return f"{len(self.parts)} writer(s) {where}"
+
+
+def plan_writers(
+    filenames: list[set[str]], sid_rows: int, cluster: ClusterShape, datasets: int, local: bool
+) -> WriterPlan:
+    """Split one dataset's models among writer actors: a writer per :data:`SID_ROWS_PER_WRITER` SID rows, within the
+    dataset's share of the CPUs where writers may run (the driver's node for ``local`` output, else the cluster), never
+    more than the models; ``filenames[i]``, every name model i may write, keeps models that could write one name in
+    one writer (the writer refuses them with one line)."""
+    cpus = cluster.driver_cpus if local else cluster.cpus
+    share = max(1, math.floor(cpus / CPUS_PER_WRITER / datasets))
+    groups = _sharing_groups(filenames)
+    count = max(1, min(share, len(groups), math.ceil(sid_rows / SID_ROWS_PER_WRITER)))
+    parts: list[list[int]] = [[] for _ in range(count)]
+    for group in sorted(groups, key=len, reverse=True):  # the largest group first, each to the smallest part
+        min(parts, key=len).extend(group)
+    return WriterPlan(tuple(tuple(sorted(part)) for part in parts), anywhere=not local and not cluster.private)
+
+
+def _sharing_groups(filenames: list[set[str]]) -> list[list[int]]:
+    """The models in groups such that no two groups have a file name in common (connected by shared names)."""
+    group_of = list(range(len(filenames)))
+
+    def root(model: int) -> int:
+        while group_of[model] != model:
+            model = group_of[model]
+        return model
+
+    owner: dict[str, int] = {}
+    for model, names in enumerate(filenames):
+        for name in names:
+            other = owner.setdefault(name, model)
+            group_of[root(model)] = root(other)
+    groups: dict[int, list[int]] = {}
+    for model in range(len(filenames)):
+        groups.setdefault(root(model), []).append(model)
+    return list(groups.values())

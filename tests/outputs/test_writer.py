@@ -27,7 +27,7 @@ from rqvae_ray.outputs.resume import ResumeState, journal_path
 from rqvae_ray.outputs.staging import folder_lock
 from rqvae_ray.outputs.targets import ModelTarget, Refused
 from rqvae_ray.outputs.writer import DatasetWriter
-from rqvae_ray.ray_backend.writer_actor import WriterActor
+from rqvae_ray.ray_backend.writer_actor import WriterActor, WriterKey
 from tests.sid_rules import assert_exports_match, dedup_rule, extended_rule
 from tests.unit_models import rows, weights
 from tests.writing import dataset_output, dataset_writer, encode_stage
@@ -187,22 +187,29 @@ def test_an_output_folder_that_cannot_be_made_is_one_output_error(tmp_path):
         dataset_writer(REPO, _targets(OutputFormat.CSV), str(tmp_path), OutputSpec(), N)
 
 
-def test_writer_actor_keeps_each_datasets_writer_apart_and_a_failed_open_fails_its_calls(tmp_path):
+def test_writer_actor_keeps_each_parts_writer_apart_and_a_failed_open_fails_its_calls(tmp_path):
     spec = OutputSpec()
     blocks = _encode(_blocks([60, 60, 60, 60]), spec, True)
+    ours, other, second = WriterKey(REPO, 0), WriterKey("org/other", 0), WriterKey(REPO, 1)
     actor = WriterActor()
-    actor.open(dataset_output(REPO, _targets(OutputFormat.CSV), tmp_path, spec, N))
+    targets = _targets(OutputFormat.CSV)
+    actor.open(ours, dataset_output(REPO, targets[:1], tmp_path, spec, N))
+    actor.open(second, dataset_output(REPO, targets[1:], tmp_path, spec, N))  # the other model, same dataset
     (tmp_path / "bad").write_text("a file where a folder must go")
     with pytest.raises(OutputError):
-        actor.open(dataset_output("org/other", _targets(OutputFormat.CSV), tmp_path / "bad", spec, N))
+        actor.open(other, dataset_output("org/other", targets, tmp_path / "bad", spec, N))
     with pytest.raises(OutputError, match="choose a writable --out-dir"):
-        actor.write("org/other", blocks[0], None)
-    assert actor.write(REPO, blocks[0], None) == 60
-    assert actor.write(REPO, blocks[1], (0, 60)) == 120
-    assert actor.write(REPO, blocks[2], None) == 180
-    assert actor.write(REPO, blocks[3], None) == 240
-    for model, item in enumerate(actor.finish(REPO)):
+        actor.write(other, blocks[0], None)
+    for key in (ours, second):
+        assert actor.write(key, blocks[0], None) == 60
+        assert actor.write(key, blocks[1], (0, 60)) == 120
+        assert actor.write(key, blocks[2], None) == 180
+        assert actor.write(key, blocks[3], None) == 240
+    published = [*actor.finish(ours), *actor.finish(second)]
+    for model, item in enumerate(published):
         assert (_folder(tmp_path) / item.entry.file).read_bytes() == _expected_csv(model, tokens=False)
+    # Both parts entered their model in the folder's one manifest.
+    assert sorted(Manifest.read(_folder(tmp_path), REPO).entries) == sorted(item.entry.file for item in published)
 
 
 def test_runs_publishing_into_one_folder_at_once_keep_each_others_entries(tmp_path):

@@ -26,11 +26,13 @@ import pytest
 
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from tests.conftest import REPO, run_cli
+from tests.hub_server import HubServer
 from tests.writing import csv_name
 
 NYC_A, NYC_B = DEFAULT_MODELS[0], DEFAULT_MODELS[3]  # rqvae-nyc-div0.0, rqvae-nyc-div0.5
 TKY = DEFAULT_MODELS[8]  # rqvae-tky-div0.5
 VENV_BIN = Path(sys.executable).parent
+HUB_TOKEN = "hf_cluster0123456789abcdefTESTtoken"
 DEFAULT_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 
@@ -241,7 +243,8 @@ def test_ray_job_submit_to_a_started_head(ray_head, demo_run, demo_hub, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 2. A simulated three-node cluster (ray.cluster_utils.Cluster) with two fake-GPU workers, in a subprocess.
+# 2. A simulated four-node cluster (ray.cluster_utils.Cluster): a head, two fake-GPU workers and a CPU worker, in a
+#    subprocess; a run into --out-dir, then an upload-only run whose writers spread over the nodes.
 # ---------------------------------------------------------------------------------------------------------------------
 
 CLUSTER_SCRIPT = r"""
@@ -257,6 +260,7 @@ from rqvae_ray.runner import run_models
 from rqvae_ray.pipeline.options import PoolMode, PoolSizing
 from rqvae_ray.pipeline.progress import Progress
 from rqvae_ray.inputs.stores import LocalHub
+from rqvae_ray.ray_backend import plan
 
 
 def free_port():
@@ -265,7 +269,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-hub, out, model_ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+hub, hub_copy, out, model_ids = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
 node = {"node_ip_address": "127.0.0.1", "object_store_memory": 150 * 1024**2}
 cluster = Cluster(
     initialize_head=True,
@@ -281,6 +285,7 @@ cluster = Cluster(
 )
 # Fake GPUs: Ray schedules on the declared count; there is no CUDA behind them.
 workers = [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port(), **node) for _ in range(2)]
+cpu_worker = cluster.add_node(num_cpus=1, num_gpus=0, dashboard_agent_listen_port=free_port(), **node)
 try:
     cluster.wait_for_nodes(timeout=60)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -293,7 +298,7 @@ try:
             model_id = message.split(": ", 1)[0]
             if model_id in model_ids and "checkpoint" in message:
                 loaded.add(model_id)
-                if loaded == set(model_ids):
+                if loaded == set(model_ids) and "HUB REMOVED" not in events:
                     # The driver has read everything it needs; from now on no process can read the hub.
                     shutil.rmtree(hub)
                     events.append("HUB REMOVED")
@@ -307,17 +312,28 @@ try:
     results = run_models(parse_model_ids(model_ids), options, Recorder())
     from ray.util.state import list_actors
 
-    # An explicit address: without one the state API picks "the latest" of all Rays running on this machine.
-    actors = list_actors(address=cluster.address, detail=True, limit=10000, raise_on_missing_output=False)
+    def actors():
+        # An explicit address: without one the state API picks "the latest" of all Rays running on this machine.
+        return list_actors(address=cluster.address, detail=True, limit=10000, raise_on_missing_output=False)
+
+    first_run = actors()
+    # Upload only: the files may be written anywhere, each writer pre-uploads its own (a writer per model here,
+    # whatever the size; the plan is made in this process).
+    plan.SID_ROWS_PER_WRITER = 1
+    upload = RunOptions(hub=LocalHub(hub_copy), upload=True, pools=sizing, batch_size=1024, upload_retries=0)
+    uploaded = run_models(parse_model_ids(model_ids), upload, Recorder())
+    known = {a.actor_id for a in first_run}
     report = {
         "results": [{"model_id": r.model_id, "ok": r.ok, "error": r.error} for r in results],
+        "uploaded": [{"model_id": r.model_id, "ok": r.ok, "error": r.error, "commit": r.commit} for r in uploaded],
+        "upload_writers": [a.node_id for a in actors() if a.class_name == "WriterActor" and a.actor_id not in known],
         "events": events,
         "address": cluster.address,
         "driver_node": ray.get_runtime_context().get_node_id(),
         "head_node": cluster.head_node.node_id,
         "gpu_nodes": [w.node_id for w in workers],
         "actors": [
-            {"class_name": a.class_name, "node_id": a.node_id, "resources": a.required_resources} for a in actors
+            {"class_name": a.class_name, "node_id": a.node_id, "resources": a.required_resources} for a in first_run
         ],
         "hub_exists": hub.exists(),
     }
@@ -338,23 +354,32 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
     shutil.copytree(demo_hub / "datasets" / "comp5331poi" / "nyc", hub / "datasets" / "comp5331poi" / "nyc")
     for spec in parse_model_ids(models):
         shutil.copytree(demo_hub / "models" / spec.org / spec.name, hub / "models" / spec.org / spec.name)
+    hub_copy = tmp_path / "hub_copy"
+    shutil.copytree(hub, hub_copy)
     out = tmp_path / "out"
     script = tmp_path / "cluster_run.py"
     script.write_text(CLUSTER_SCRIPT)
     temp_dir = short_temp_dir()
-    env = {**os.environ, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO)}
+    remote = tmp_path / "remote"
+    shutil.copytree(hub / "datasets" / "comp5331poi" / "nyc", remote / "datasets" / "comp5331poi" / "nyc")
+    server = HubServer(remote, objects_dir=tmp_path / "objects", token=HUB_TOKEN, lfs_threshold=300_000)
+    # Every node's processes start from this environment: each has the Hub's address and a token.
+    env = {**os.environ, "RAY_TMPDIR": temp_dir, "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home")}
+    env.update(HF_TOKEN=HUB_TOKEN, HF_HUB_DISABLE_XET="1")  # the stand-in speaks HTTP LFS, not Xet
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     started = time.monotonic()
     try:
-        proc = subprocess.run(
-            [sys.executable, str(script), str(hub), str(out), *models],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-            cwd=REPO,
-        )
+        with server:
+            env["HF_ENDPOINT"] = server.url
+            proc = subprocess.run(
+                [sys.executable, str(script), str(hub), str(hub_copy), str(out), *models],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+                cwd=REPO,
+            )
     finally:
         survivors = kill_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -383,8 +408,18 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
     assert placed and len(set(placed)) == len(placed) and set(placed) <= set(report["gpu_nodes"]), (encoders, report)
     writers = [a for a in report["actors"] if a["class_name"] == "WriterActor"]
     assert writers and {a["node_id"] for a in writers} == {report["head_node"]} == {report["driver_node"]}
-
     assert_same_bytes_as_demo_run(out, demo_out, models)
+
+    # Upload only: one writer per model, spread over the nodes (those not on the driver's pre-upload their files);
+    # still one commit, holding every file byte for byte as the single-node run wrote it.
+    assert all(r["ok"] for r in report["uploaded"]), report["uploaded"]
+    assert len(report["upload_writers"]) == 2 and len(set(report["upload_writers"])) == 2, report
+    assert len(server.commits) == 1 and {r["commit"] for r in report["uploaded"]} == {server.commits[0]["oid"]}
+    stored = server.repo_dir("comp5331poi/nyc", "dataset") / "LLM Dataset" / "Intermediate Files"
+    for model_id in models:
+        assert (stored / csv_name(parse_model_ids([model_id])[0])).read_bytes() == output_csv(
+            demo_out, model_id
+        ).read_bytes()
     print(f"simulated cluster: {seconds:.1f} s")
 
 

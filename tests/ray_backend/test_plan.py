@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from rqvae_ray.outputs.layout import written_filenames
 from rqvae_ray.pipeline.options import PoolMode, PoolSizing
 from rqvae_ray.ray_backend.cluster import ClusterShape
-from rqvae_ray.ray_backend.plan import PACKED_WEIGHTS_BYTES, SID_ROWS_PER_ACTOR, plan_dataset
+from rqvae_ray.ray_backend.plan import (
+    CPUS_PER_WRITER,
+    PACKED_WEIGHTS_BYTES,
+    SID_ROWS_PER_ACTOR,
+    SID_ROWS_PER_WRITER,
+    plan_dataset,
+    plan_writers,
+)
 
 MB = 1 << 20
 TWO_CPUS = ClusterShape(cpus=2, gpus=0)
@@ -52,3 +60,44 @@ def test_gpus_are_shared_by_the_actors_of_all_datasets():
     assert plan.pools[0].min_actors == 1 and plan.pools[0].num_gpus == 0.5
     model = plan_dataset([MB] * 4, 5135, PoolSizing(PoolMode.MODEL), ClusterShape(cpus=16, gpus=2), datasets=1)
     assert [p.num_gpus for p in model.pools] == [0.5] * 4
+
+
+def _names(*models: str) -> list[set[str]]:
+    """Every name each model's codebooks CSV and its exports may have."""
+    return [{f"codebooks-{m}.csv", *written_filenames(f"codebooks-{m}.csv")} for m in models]
+
+
+def test_a_small_dataset_has_one_writer_on_the_drivers_node():
+    plan = plan_writers(_names("a", "b", "c"), 3 * 5135, TWO_CPUS, datasets=2, local=True)
+    assert plan.parts == ((0, 1, 2),) and not plan.anywhere
+    assert plan.describe() == "1 writer(s) on the driver's node"
+
+
+def test_writers_grow_with_the_work_within_the_cpus_where_they_may_run():
+    models = [f"m{i}" for i in range(10)]
+    big = ClusterShape(cpus=64, gpus=8, driver_cpus=8)
+    rows = 10 * SID_ROWS_PER_WRITER
+    # Local output: the driver's node only (8 CPUs: 4 writers), the models spread evenly over them.
+    local = plan_writers(_names(*models), rows, big, datasets=1, local=True)
+    assert len(local.parts) == 8 // CPUS_PER_WRITER and not local.anywhere
+    assert sorted(i for part in local.parts for i in part) == list(range(10))
+    assert {len(part) for part in local.parts} == {2, 3}
+    # Upload only: the whole cluster, shared by the datasets running at once, never more writers than models.
+    anywhere = plan_writers(_names(*models), rows, big, datasets=2, local=False)
+    assert len(anywhere.parts) == 10 and anywhere.anywhere
+    assert anywhere.describe() == "10 writer(s) spread over the cluster"
+    # Less work: one writer per SID_ROWS_PER_WRITER SID rows.
+    assert len(plan_writers(_names(*models), SID_ROWS_PER_WRITER + 1, big, datasets=1, local=False).parts) == 2
+    # A private Ray is one node: its writers never go "anywhere".
+    private = ClusterShape(cpus=64, gpus=0, private=True, driver_cpus=64)
+    assert not plan_writers(_names(*models), rows, private, datasets=1, local=False).anywhere
+
+
+def test_models_that_could_write_one_file_name_share_a_writer():
+    # "a.b" and "a_b" both spell their 0-based index map codebooks-a_b-items.index.json: one writer holds both, so
+    # that its check refuses them with one line, as one writer always did.
+    names = _names("a.b", "c", "a_b", "d")
+    assert names[0] & names[2]
+    plan = plan_writers(names, 4 * SID_ROWS_PER_WRITER, ClusterShape(cpus=64, gpus=0, driver_cpus=64), 1, local=True)
+    assert len(plan.parts) == 3
+    assert any({0, 2} <= set(part) for part in plan.parts), plan.parts
