@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +68,22 @@ def demo_hub(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(demo_hub, tmp_path_factory):
-    """One CLI run of the 10 default models on the demo hub under local Ray: (out_dir, completed process)."""
-    out = tmp_path_factory.mktemp("out")
-    proc = run_cli("--hub-dir", str(demo_hub), "--out-dir", str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    """One CLI run of the 10 default models on the demo hub: (out_dir, completed process), made once per session as
+    the demo hub is: the first worker to need it runs it, the others wait for it and only read its outputs."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    folder = root / "demo_run"
+    record = folder / "process.json"  # written last: the run is complete once it exists
+    with FileLock(root / "demo_run.lock"):
+        if not record.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            proc = run_cli("--hub-dir", str(demo_hub), "--out-dir", str(folder / "out"))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            fields = {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+            (folder / "process.json.tmp").write_text(json.dumps(fields))
+            (folder / "process.json.tmp").replace(record)
+    return folder / "out", subprocess.CompletedProcess(**json.loads(record.read_text()))
 
 
 @pytest.fixture(scope="session")

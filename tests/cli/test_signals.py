@@ -16,21 +16,26 @@ import pytest
 
 from rqvae_ray.cli.app import _stop_signal
 from rqvae_ray.errors import StopSignal
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS
 from tests.conftest import REPO
+from tests.gate import TKY_INPUT_DIM, GateControl
 from tests.processes import group_empty_within, group_members
 
 WAIT_S = 300.0
+MODELS = [DEFAULT_MODELS[0], *DEFAULT_MODELS[8:10]]  # one NYC model, two TKY models
 
 
 class _Run:
     """The CLI in a session of its own (the test signals it; its Ray processes share its process group), its output
-    in files so that it never blocks on a full pipe."""
+    in files so that it never blocks on a full pipe; its TKY models' encoders wait at a gate (see :mod:`tests.gate`),
+    so that it cannot finish before the test lets it."""
 
     def __init__(self, args: list[str], folder: Path) -> None:
         self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        self.gate = GateControl(folder / "gate")
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rqvae_ray.run", *args],
+                [sys.executable, "-m", "tests.gated_cli", str(self.gate.folder), str(TKY_INPUT_DIM), *args],
                 cwd=REPO,
                 stdout=out,
                 stderr=err,
@@ -83,10 +88,11 @@ def _stopped(run: _Run, summary: Path, out: Path, code: int, name: str) -> None:
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(demo_hub, tmp_path, name):
     out, summary = tmp_path / "out", tmp_path / "summary.json"
-    args = ["--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "16"]
-    run = _Run([*args, "--summary-json", str(summary)], tmp_path)  # all 10 models: it runs for a while
+    args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "256"]
+    run = _Run([*args, "--summary-json", str(summary)], tmp_path)
     try:
-        run.wait_until(lambda: bool(_hidden_files(out)), "resume state or partial file")
+        # TKY, held at the gate, is being written when the run is stopped: its resume state is then kept.
+        run.wait_until(lambda: bool(_hidden_files(out / "datasets" / "comp5331poi" / "tky")), "TKY's partial files")
         code = run.stop(signal.Signals[name])
     finally:
         run.kill_group()
@@ -98,8 +104,8 @@ def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path):
     """What ``ray job stop`` does: Ray's core worker installs a SIGTERM handler that aborts the process, which the run
     replaces with its own again once Ray is up."""
     out, summary = tmp_path / "out", tmp_path / "summary.json"
-    args = ["--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray", "--batch-size", "32"]
-    run = _Run([*args, "--summary-json", str(summary)], tmp_path)  # all 10 models: it runs for a while
+    args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray", "--batch-size", "256"]
+    run = _Run([*args, "--summary-json", str(summary)], tmp_path)  # TKY held at the gate: the run goes on
     try:
         run.wait_until(lambda: bool(_hidden_files(out)), "resume state or partial file")
         code = run.stop(signal.SIGTERM)

@@ -34,6 +34,7 @@ from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
 from rqvae_ray.pipeline.progress import Progress, Quiet
 from rqvae_ray.runner import run_models
 from tests.conftest import REPO, run_cli
+from tests.gate import TKY_INPUT_DIM, Gate, GateControl
 from tests.processes import descendants_running, group_empty_within, group_members
 from tests.writing import csv_name
 
@@ -244,10 +245,12 @@ def _assert_complete(out: Path) -> None:
             assert len(rows) == entry["rows"] + 1
 
 
-def _start_cli(args: list[str]) -> subprocess.Popen:
-    """The CLI in its own process group (so that the test can signal it and its Ray), output merged on stdout."""
+def _start_cli(args: list[str], gate: GateControl | None = None) -> subprocess.Popen:
+    """The CLI in its own process group (so that the test can signal it and its Ray), output merged on stdout; with
+    ``gate``, its TKY models' encoders wait at that gate (see :mod:`tests.gate`)."""
+    module = ["rqvae_ray.run"] if gate is None else ["tests.gated_cli", str(gate.folder), str(TKY_INPUT_DIM)]
     return subprocess.Popen(
-        [sys.executable, "-m", "rqvae_ray.run", *args],
+        [sys.executable, "-m", *module, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -256,22 +259,25 @@ def _start_cli(args: list[str]) -> subprocess.Popen:
     )
 
 
+def _read_output(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
+    """``proc``'s output lines as they come (read by a thread, so that the run never blocks on a full pipe)."""
+    lines: list[str] = []
+    thread = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    thread.start()
+    return lines, thread
+
+
+def _wait_for(state, proc: subprocess.Popen, lines: list[str], what: str, wait_s: float = 300) -> None:
+    """Wait until ``state()`` holds while ``proc`` runs (its output goes to ``lines``); fail if it ends first."""
+    deadline = time.monotonic() + wait_s
+    while not state():
+        assert proc.poll() is None, f"the run ended before {what}: {''.join(lines)[-2000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {wait_s:.0f} s: {''.join(lines)[-2000:]}"
+        time.sleep(0.1)
+
+
 INTERRUPTED_MODELS = [DEFAULT_MODELS[0], *DEFAULT_MODELS[8:10]]  # one NYC model, two TKY models
-
-
-@pytest.fixture(scope="module")
-def nyc_and_long_tky(demo_hub, tmp_path_factory) -> tuple[Path, Path]:
-    """A hub with the demo NYC dataset and TKY 24 times over (far more work than NYC), and the outputs of an
-    uninterrupted run of :data:`INTERRUPTED_MODELS` on it."""
-    root = tmp_path_factory.mktemp("nyc_and_long_tky")
-    hub = _tiled_tky_hub(demo_hub, root / "hub", INTERRUPTED_MODELS[1:], copies=24)
-    nyc = parse_model_id(INTERRUPTED_MODELS[0])
-    shutil.copytree(demo_hub / "models" / nyc.org / nyc.name, hub / "models" / nyc.org / nyc.name)
-    shutil.copytree(demo_hub / "datasets" / "comp5331poi" / "nyc", hub / "datasets" / "comp5331poi" / "nyc")
-    reference = root / "reference"
-    results = run_models(parse_model_ids(INTERRUPTED_MODELS), RunOptions(hub=LocalHub(hub), out_dir=str(reference)))
-    assert all(r.ok for r in results), [r.error for r in results]
-    return hub, reference
+TKY_POIS = 7900  # the demo TKY dataset's
 
 
 def _published(path: Path) -> bool:
@@ -286,21 +292,24 @@ def _published(path: Path) -> bool:
 @pytest.mark.parametrize(
     ("sig", "executor"), [(signal.SIGKILL, "local"), (signal.SIGINT, "local"), (signal.SIGINT, "ray")]
 )
-def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_and_long_tky, tmp_path, sig, executor):
-    hub, reference = nyc_and_long_tky
+def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_hub, demo_run, tmp_path, sig, executor):
     out = tmp_path / "out"
     nyc, tky = (output_dir(out, f"comp5331poi/{name}", "LLM Dataset") for name in ("nyc", "tky"))
     nyc_file = nyc / csv_name(parse_model_id(INTERRUPTED_MODELS[0]))
-    args = [*INTERRUPTED_MODELS, "--hub-dir", str(hub), "--out-dir", str(out), "--batch-size", "32"]
-    proc = _start_cli([*args, "--executor", executor])
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    # Interrupted once NYC is published and TKY (~70 times NYC's SID rows) is being written: states, not timing.
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if _published(nyc_file) and tky.is_dir() and list(tky.glob(".codebooks-*.resume.json")):
-            break
-        time.sleep(0.1)
+    args = [*INTERRUPTED_MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "256"]
+    gate = GateControl(tmp_path / "gate")  # TKY's encoders wait there: TKY cannot finish before the test lets it
+    proc = _start_cli([*args, "--executor", executor], gate)
+    lines, _ = _read_output(proc)
+    # Interrupted once NYC is published and TKY is being written (its resume state exists), with at most half of
+    # TKY let through the gate: states, not timing.
+    _wait_for(lambda: _published(nyc_file), proc, lines, "NYC was published")
+    gate.open_until(
+        lambda: tky.is_dir() and bool(list(tky.glob(".codebooks-*.resume.json"))),
+        lambda: proc.poll() is None,
+        limit=TKY_POIS // 2,
+        what="TKY's resume state",
+        output=lambda: "".join(lines)[-2000:],
+    )
     assert proc.poll() is None, f"the run ended before it was interrupted: {''.join(lines)[-2000:]}"
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -320,8 +329,9 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(nyc_an
     assert group_empty_within(proc.pid, 60)
     _assert_complete(out)
     assert not [p for p in _visible_files(out) if "tky" in p.parts], "a TKY output was published before it was complete"
-    again = run_cli(*INTERRUPTED_MODELS, "--hub-dir", str(hub), "--out-dir", str(out))
+    again = run_cli(*INTERRUPTED_MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
+    reference, _ = demo_run
     for spec in parse_model_ids(INTERRUPTED_MODELS):
         rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / csv_name(spec)
         assert (out / rel).read_bytes() == (reference / rel).read_bytes()
@@ -332,22 +342,37 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
     import psutil
 
     specs = parse_model_ids([DEFAULT_MODELS[6]])
-    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), batch_size=8, executor=ExecutorMode.RAY)
+    gate = GateControl(tmp_path / "gate")  # the TKY encoders wait there: the run cannot end before the kill
+    options = RunOptions(
+        hub=LocalHub(demo_hub),
+        out_dir=str(tmp_path),
+        batch_size=256,
+        executor=ExecutorMode.RAY,
+        encoder_factory=Gate(gate.folder),
+    )
     killed: list[int] = []
 
     def killer() -> None:
-        deadline = time.monotonic() + 120
-        while not killed and time.monotonic() < deadline:
-            # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
-            for process in descendants_running(os.getpid(), "EncodeModels"):
-                time.sleep(0.5)
-                try:
-                    process.kill()
-                except psutil.Error:
-                    continue
-                killed.append(process.pid)
-                return
-            time.sleep(0.05)
+        """Once a quarter of TKY is encoded (the rest held at the gate), kill an encoder actor; then open the gate."""
+        try:
+            gate.allow(TKY_POIS // 4)
+            deadline = time.monotonic() + 120
+            while not killed and time.monotonic() < deadline:
+                passed = gate.passed()
+                # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
+                actors = (
+                    descendants_running(os.getpid(), "EncodeModels") if passed and min(passed) >= gate.allowed else []
+                )
+                for process in actors:
+                    try:
+                        process.kill()
+                    except psutil.Error:
+                        continue
+                    killed.append(process.pid)
+                    return
+                time.sleep(0.05)
+        finally:
+            gate.allow(TKY_POIS * 2)  # the rest of the run, on the actor that replaces it
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -362,33 +387,35 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
 
 def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path):
     out = tmp_path / "out"
-    # As above: TKY (four models, more POIs) is reliably unfinished when the NYC output is published.
-    models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]
-    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "16", "--executor", "ray"]
-    proc = _start_cli(args)
+    models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]  # one NYC model, four TKY models
+    spec = parse_model_id(models[0])
+    nyc_file = output_dir(out, spec.dataset_repo, "LLM Dataset") / csv_name(spec)
+    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray"]
+    gate = GateControl(tmp_path / "gate")  # closed for good: TKY is unfinished when the cluster is lost
+    proc = _start_cli(args, gate)
+    lines, reader = _read_output(proc)
     try:
-        for line in proc.stdout:
-            if "comp5331poi/nyc: 5135 POIs written" in line:
-                break
+        _wait_for(lambda: _published(nyc_file), proc, lines, "NYC was published")
         gcs = descendants_running(proc.pid, "gcs_server")
         assert gcs, "the run's own GCS process was not found"
         for process in gcs:
             process.kill()
         started = time.monotonic()
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         waited = time.monotonic() - started
+        reader.join(timeout=60)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert proc.returncode == 1, rest[-2000:]
-    errors = [line for line in rest.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "lost the connection to the Ray cluster" in errors[0], rest[-2000:]
+    output = "".join(lines)
+    assert proc.returncode == 1, output[-2000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lost the connection to the Ray cluster" in errors[0], output[-2000:]
     assert waited < 50, "Ray's own 60 s abort came first"
     _assert_complete(out)
     reference, _ = demo_run
-    spec = parse_model_id(models[0])
     rel = Path("datasets") / spec.org / spec.dataset / "LLM Dataset" / "Intermediate Files" / csv_name(spec)
     assert (out / rel).read_bytes() == (reference / rel).read_bytes()
     assert not [p for p in _visible_files(out) if "tky" in p.parts]
@@ -456,7 +483,7 @@ def test_each_format_has_its_own_manifest_entry_and_changed_options_replace_the_
 
 def _tiled_tky_hub(demo_hub: Path, root: Path, models: list[str], copies: int) -> Path:
     """The demo TKY dataset ``copies`` times over (Pid k + 7900 j has Pid k's features), as sparse Parquet shards of
-    7,900 rows, with the demo checkpoints of ``models``: long enough a run to be caught in the middle on any machine."""
+    7,900 rows, with the demo checkpoints of ``models``."""
     for spec in parse_model_ids(models):
         target = root / "models" / spec.org / spec.name / CHECKPOINT_FILE
         target.parent.mkdir(parents=True)
@@ -479,8 +506,8 @@ def _tiled_tky_hub(demo_hub: Path, root: Path, models: list[str], copies: int) -
 
 def test_a_killed_run_resumes_where_it_stopped_to_the_same_bytes(demo_hub, tmp_path):
     models = DEFAULT_MODELS[8:10]  # two TKY models
-    hub = _tiled_tky_hub(demo_hub, tmp_path / "hub", models, copies=8)
-    pois = 8 * 7900
+    hub = _tiled_tky_hub(demo_hub, tmp_path / "hub", models, copies=2)
+    pois = 2 * TKY_POIS
     output = OutputSpec(OutputFormat.PARQUET, dedup=True, sid_tokens=True)
     reference = tmp_path / "reference"
     results = run_models(
@@ -493,26 +520,35 @@ def test_a_killed_run_resumes_where_it_stopped_to_the_same_bytes(demo_hub, tmp_p
         output_dir(out, spec.dataset_repo, "LLM Dataset") / codebooks_filename(spec.name, OutputFormat.PARQUET)
         for spec in parse_model_ids(models)
     ]
-    proc = _start_cli([*args, "--batch-size", "16"])
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    kept = 0
+    gate = GateControl(tmp_path / "gate")  # the encoders wait there: the run cannot finish before the test lets it
+    proc = _start_cli([*args, "--batch-size", "16"], gate)
+    lines, _ = _read_output(proc)
+
+    def kept() -> int:
+        """The rows that both files' resume states keep (0 until both have one)."""
+        states = [ResumeState.read(final) for final in finals]
+        return min(s.rows for s in states) if all(states) else 0
+
     try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline and not kept:
-            time.sleep(0.2)
-            states = [ResumeState.read(final) for final in finals]
-            kept = min((s.rows for s in states if s is not None), default=0) if all(states) else 0
+        # Caught in the middle: with resume state of both files, and at most half the POIs let through the gate.
+        gate.open_until(
+            lambda: kept() > 0,
+            lambda: proc.poll() is None,
+            limit=pois // 2,
+            what="resume state of both files",
+            output=lambda: "".join(lines)[-2000:],
+        )
+        caught = kept()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, at once: no clean-up of any kind
         proc.wait(timeout=60)
-    assert 0 < kept < pois, f"the run was not caught in the middle: {''.join(lines)[-2000:]}"
+    assert 0 < caught < pois, f"the run was not caught in the middle: {''.join(lines)[-2000:]}"
     # The next run resumes only from state whose writer has ended: wait for the killed run's processes to be gone.
     assert group_empty_within(proc.pid, 60), [p.cmdline()[:2] for p in group_members(proc.pid)]
     again = run_cli(*args)  # another batch size: the blocks differ, the bytes must not
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = re.search(r"resuming an interrupted run: (\d+) POIs kept", again.stdout)
-    assert resumed and kept <= int(resumed.group(1)) < pois, again.stdout[-2000:]
+    assert resumed and caught <= int(resumed.group(1)) < pois, again.stdout[-2000:]
     for spec in parse_model_ids(models):
         name = codebooks_filename(spec.name, OutputFormat.PARQUET)
         got, want = (
