@@ -45,3 +45,14 @@ def descendants_running(root_pid: int, marker: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def kill_first(processes: list[psutil.Process]) -> int | None:
+    """Kill the first of ``processes`` still there to kill; its pid, or None when none was."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+        return process.pid
+    return None

@@ -35,7 +35,7 @@ from rqvae_ray.pipeline.progress import Progress, Quiet
 from rqvae_ray.runner import run_models
 from tests.conftest import REPO, run_cli
 from tests.gate import TKY_INPUT_DIM, Gate, GateControl
-from tests.processes import descendants_running, group_empty_within, group_members
+from tests.processes import descendants_running, group_empty_within, group_members, kill_first
 from tests.writing import csv_name
 
 N = 300
@@ -339,7 +339,6 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_h
 
 
 def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path):
-    import psutil
 
     specs = parse_model_ids([DEFAULT_MODELS[6]])
     gate = GateControl(tmp_path / "gate")  # the TKY encoders wait there: the run cannot end before the kill
@@ -363,12 +362,9 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
                 actors = (
                     descendants_running(os.getpid(), "EncodeModels") if passed and min(passed) >= gate.allowed else []
                 )
-                for process in actors:
-                    try:
-                        process.kill()
-                    except psutil.Error:
-                        continue
-                    killed.append(process.pid)
+                pid = kill_first(actors)
+                if pid is not None:
+                    killed.append(pid)
                     return
                 time.sleep(0.05)
         finally:

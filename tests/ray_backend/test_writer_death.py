@@ -7,13 +7,11 @@ import os
 import threading
 import time
 
-import psutil
-
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
 from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
 from rqvae_ray.runner import run_models
-from tests.processes import descendants_running
+from tests.processes import descendants_running, kill_first
 
 
 def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, local_ray, tmp_path):
@@ -25,12 +23,9 @@ def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, loca
     def killer() -> None:
         deadline = time.monotonic() + 120
         while not killed and not stop.is_set() and time.monotonic() < deadline:
-            for process in descendants_running(os.getpid(), "WriterActor"):
-                try:
-                    process.kill()
-                except psutil.Error:
-                    continue
-                killed.append(process.pid)
+            pid = kill_first(descendants_running(os.getpid(), "WriterActor"))
+            if pid is not None:
+                killed.append(pid)
                 return
             time.sleep(0.02)
 
