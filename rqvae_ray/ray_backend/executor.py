@@ -77,7 +77,7 @@ class RayExecutor(Executor):
 class Writers:
     """The run's writer actors. Those on the driver's node (where ``--out-dir`` is) are shared by the datasets: one per
     :data:`~rqvae_ray.ray_backend.plan.CPUS_PER_WRITER` CPUs of the node, started as the datasets ask for them and
-    handed out in turn beyond that. An upload-only run on a cluster starts its own wherever Ray spreads them, except
+    handed out in turn beyond that. An upload-only run on a cluster starts its own on the nodes in turn, except
     that one whose node has no Hugging Face token is replaced by one on the driver's node, whose files the driver
     commits (the token is read where it is configured, never sent through Ray)."""
 
@@ -86,16 +86,20 @@ class Writers:
         self.here: list = []
         self.turn = 0
         self.spread: list = []
+        self.spread_turn = 0
         self.lock = threading.Lock()
 
     def get(self, count: int, anywhere: bool) -> list:
         """``count`` writer actors for one dataset (the same actor may serve several datasets)."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not anywhere:
             with self.lock:
                 return [self._next_here() for _ in range(count)]
-        writers = [_start_writer("SPREAD") for _ in range(count)]
+        with self.lock:
+            nodes = [self._next_node() for _ in range(count)]
+        writers = [_start_writer(NodeAffinitySchedulingStrategy(node, soft=True)) for node in nodes]
         tokens = ray.get([writer.token_here.remote() for writer in writers])
         with self.lock:
             for index, token in enumerate(tokens):
@@ -106,9 +110,20 @@ class Writers:
                     writers[index] = self._next_here()
         return writers
 
+    def _next_node(self) -> str:
+        """The next node in turn for a writer that may run anywhere: the other nodes first, then the driver's (whose
+        disk the datasets written into --out-dir share)."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        nodes = sorted((node["NodeID"] for node in ray.nodes() if node.get("Alive")), key=lambda node: node == here)
+        node = nodes[self.spread_turn % len(nodes)] if nodes else here
+        self.spread_turn += 1
+        return node
+
     def _next_here(self):
         if self.turn == len(self.here) and len(self.here) < self.cap:
-            self.here.append(_start_writer(None))
+            self.here.append(_start_writer())
         writer = self.here[self.turn % len(self.here)]
         self.turn += 1
         return writer
@@ -121,8 +136,8 @@ class Writers:
         self.here, self.spread = [], []
 
 
-def _start_writer(where: str | None):
-    """A writer actor on the driver's node (``where`` None) or as Ray's scheduling strategy ``where`` places it; no
+def _start_writer(where=None):
+    """A writer actor on the driver's node (``where`` None) or where the scheduling strategy ``where`` places it; no
     GPU and no CPU reserved: writers must never keep encoder actors from starting."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
