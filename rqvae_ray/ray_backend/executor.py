@@ -97,8 +97,11 @@ class Writers:
         if not anywhere:
             with self.lock:
                 return [self._next_here() for _ in range(count)]
+        here = ray.get_runtime_context().get_node_id()
+        # The other nodes first, then the driver's (whose disk the datasets written into --out-dir share).
+        alive = sorted((node["NodeID"] for node in ray.nodes() if node.get("Alive")), key=lambda node: node == here)
         with self.lock:
-            nodes = [self._next_node() for _ in range(count)]
+            nodes = [self._next_node(alive or [here]) for _ in range(count)]
         writers = [_start_writer(NodeAffinitySchedulingStrategy(node, soft=True)) for node in nodes]
         tokens = ray.get([writer.token_here.remote() for writer in writers])
         with self.lock:
@@ -110,14 +113,9 @@ class Writers:
                     writers[index] = self._next_here()
         return writers
 
-    def _next_node(self) -> str:
-        """The next node in turn for a writer that may run anywhere: the other nodes first, then the driver's (whose
-        disk the datasets written into --out-dir share)."""
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        nodes = sorted((node["NodeID"] for node in ray.nodes() if node.get("Alive")), key=lambda node: node == here)
-        node = nodes[self.spread_turn % len(nodes)] if nodes else here
+    def _next_node(self, nodes: list[str]) -> str:
+        """The next of ``nodes`` in turn, for a writer that may run anywhere."""
+        node = nodes[self.spread_turn % len(nodes)]
         self.spread_turn += 1
         return node
 
