@@ -17,6 +17,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
+# How long a test waits for its turn to start a Ray of its own (see own_ray_lock); the longest holder takes ~2 min.
+OWN_RAY_WAIT_S = 900
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
@@ -48,6 +50,23 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder every pytest-xdist worker of this session sees (the session's own base folder without xdist)."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def own_ray_lock(tmp_path_factory: pytest.TempPathFactory):
+    """The lock held by a test (or fixture) that starts a Ray of its own: a private Ray in a CLI run, ``ray start``, a
+    simulated cluster. Such tests run one at a time across the xdist workers: two Ray start-ups at once, beside the
+    other worker's tests on a 2-core machine, made Ray's own wait for a new node to register (30 s, fixed in Ray)
+    run out."""
+    from filelock import FileLock
+
+    return FileLock(shared_root(tmp_path_factory) / "own_ray.lock", timeout=OWN_RAY_WAIT_S)
+
+
+@pytest.fixture
+def own_ray(tmp_path_factory):
+    """Held for the test: see :func:`own_ray_lock`."""
+    with own_ray_lock(tmp_path_factory):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -87,10 +106,12 @@ def demo_run(demo_hub, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """An in-process local Ray for pipeline tests (2 CPUs, no dashboard)."""
+def local_ray(tmp_path_factory):
+    """An in-process local Ray for pipeline tests (2 CPUs, no dashboard); it starts when no other test is starting a
+    Ray of its own (see :func:`own_ray_lock`)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with own_ray_lock(tmp_path_factory):
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

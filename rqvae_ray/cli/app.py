@@ -168,7 +168,10 @@ def run(
     ] = None,
     log_file: Annotated[
         Path | None,
-        typer.Option(help=f"Where Ray's own output goes (default: a new file in {LOG_DIR}); the summary names it."),
+        typer.Option(
+            help=f"Where the run's log goes: Ray's and the libraries' own output (default: a new file in {LOG_DIR}); "
+            "the summary names it."
+        ),
     ] = None,
     debug: Annotated[bool, flag("--debug", "Show Ray's output on the console, and tracebacks.")] = False,
     _help: HelpFlag = False,
@@ -232,7 +235,7 @@ def run(
         _report(console, outcome.results, reports_to)
         stopping.wait(SHUTDOWN_WAIT_S)
         if console.log_path is not None:
-            console.echo(f"Ray's own output of this run: {console.log_path}")
+            console.echo(f"Log of this run (Ray's and the libraries' own output): {console.log_path}")
         failed = [r for r in outcome.results if not r.ok]
         console.echo(f"\n{len(outcome.results) - len(failed)} of {len(outcome.results)} models succeeded")
         _finish(console, outcome, summary_json)
@@ -323,7 +326,7 @@ def _execute(
     except Exception as exc:
         if debug:
             raise
-        console.error(f"{reason_of(exc)} (--debug for details; Ray's output is in {console.log_path})")
+        console.error(f"{reason_of(exc)} (--debug for details; the run's log is {console.log_path})")
         return _Outcome(1, "internal error", invalid)
     for result in results:
         if not result.ok:

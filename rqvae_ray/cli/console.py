@@ -41,7 +41,8 @@ def new_log_path() -> Path:
 
 
 class RunConsole:
-    """The terminal of a run: ``out`` and ``err`` reach the user; Ray's output goes to ``log_path``."""
+    """The terminal of a run: ``out`` and ``err`` reach the user; what Ray and the libraries print (descriptors 1
+    and 2) goes to ``log_path``."""
 
     def __init__(self, log_path: Path | None) -> None:
         self.log_path = log_path

@@ -100,7 +100,7 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(demo_hub, tmp_path, name):
     assert list(out.rglob(".*.resume.json")), "the resume state of the stopped run was not kept"
 
 
-def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path):
+def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path, own_ray):
     """What ``ray job stop`` does: Ray's core worker installs a SIGTERM handler that aborts the process, which the run
     replaces with its own again once Ray is up."""
     out, summary = tmp_path / "out", tmp_path / "summary.json"

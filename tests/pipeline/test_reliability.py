@@ -154,9 +154,11 @@ BAD_MODELS = {
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_bad_input_catalogue(bad_hub, tmp_path, executor):
+def test_bad_input_catalogue(bad_hub, tmp_path, executor, request):
     """Every bad input fails its own model with one line, on both executors (on Ray, the failures found inside Ray
     Data's tasks surface as the same lines)."""
+    if executor == "ray":
+        request.getfixturevalue("own_ray")
     out, summary, log = tmp_path / "out", tmp_path / "summary.json", tmp_path / "run.log"
     args = ["--hub-dir", str(bad_hub), "--out-dir", str(out), "--summary-json", str(summary), "--log-file", str(log)]
     proc = run_cli("good/rqvae-nyc-ok", *BAD_MODELS, *args, "--executor", executor)
@@ -165,7 +167,7 @@ def test_bad_input_catalogue(bad_hub, tmp_path, executor):
     # The console holds the project's own lines only: Ray's (and any traceback or retry advice) are in the log.
     for noise in ("Traceback", "retry", "streaming_executor", "core_worker", "INFO worker.py", "WARNING"):
         assert noise not in console, noise
-    assert f"Ray's own output of this run: {log}" in proc.stdout
+    assert f"Log of this run (Ray's and the libraries' own output): {log}" in proc.stdout
     assert ("Started a local Ray instance" in log.read_text()) == (executor == "ray")
     document = json.loads(summary.read_text())
     assert document["exit_code"] == 1 and document["exit_reason"] == f"{len(BAD_MODELS)} model(s) failed"
@@ -292,7 +294,11 @@ def _published(path: Path) -> bool:
 @pytest.mark.parametrize(
     ("sig", "executor"), [(signal.SIGKILL, "local"), (signal.SIGINT, "local"), (signal.SIGINT, "ray")]
 )
-def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(demo_hub, demo_run, tmp_path, sig, executor):
+def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(
+    demo_hub, demo_run, tmp_path, sig, executor, request
+):
+    if executor == "ray":
+        request.getfixturevalue("own_ray")
     out = tmp_path / "out"
     nyc, tky = (output_dir(out, f"comp5331poi/{name}", "LLM Dataset") for name in ("nyc", "tky"))
     nyc_file = nyc / csv_name(parse_model_id(INTERRUPTED_MODELS[0]))
@@ -381,7 +387,7 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
     assert (tmp_path / rel).read_bytes() == (reference / rel).read_bytes()
 
 
-def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path):
+def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path, own_ray):
     out = tmp_path / "out"
     models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]  # one NYC model, four TKY models
     spec = parse_model_id(models[0])

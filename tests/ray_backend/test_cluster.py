@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, own_ray_lock, run_cli
 from tests.hub_server import HubServer
 from tests.writing import csv_name
 
@@ -130,7 +130,7 @@ def short_temp_dir() -> str:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, own_ray):
     """A local ``ray start --head`` with the dashboard, token auth with a private token, the venv on PATH.
 
     Yields (dashboard URL, environment for Ray CLI clients, temp dir). Stopped by killing only its own processes.
@@ -345,7 +345,7 @@ finally:
 
 
 @pytest.mark.timeout(600, method="signal")
-def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, demo_hub, tmp_path):
+def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, demo_hub, tmp_path, own_ray):
     demo_out, _ = demo_run
     models = [NYC_A, NYC_B]
     # A private hub with only what the run needs; it is deleted once the driver has loaded it (the tests run as
@@ -432,20 +432,21 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
 def impossible_pool(demo_hub, tmp_path_factory):
     """``--gpus-per-model 1 --actor-wait-s 5`` on CPU-only local Ray: (completed process, seconds, out dir)."""
     out = tmp_path_factory.mktemp("no-gpu-out")
-    started = time.monotonic()
-    proc = run_cli(
-        NYC_A,
-        "--hub-dir",
-        str(demo_hub),
-        "--out-dir",
-        str(out),
-        "--gpus-per-model",
-        "1",
-        "--actor-wait-s",
-        "5",
-        timeout=120,
-    )
-    return proc, time.monotonic() - started, out
+    with own_ray_lock(tmp_path_factory):
+        started = time.monotonic()
+        proc = run_cli(
+            NYC_A,
+            "--hub-dir",
+            str(demo_hub),
+            "--out-dir",
+            str(out),
+            "--gpus-per-model",
+            "1",
+            "--actor-wait-s",
+            "5",
+            timeout=120,
+        )
+        return proc, time.monotonic() - started, out
 
 
 def error_lines(proc: subprocess.CompletedProcess, model_id: str) -> list[str]:
