@@ -145,6 +145,7 @@ def run_datasets(
         by_id = {r.model_id: r for f in futures for r in f.result()}
     except BaseException as exc:
         cancel.set()
+        progress.stopping()
         # Each dataset stops at its next block and drops its unfinished files; a dataset stuck in a call to the
         # executor (waiting for its first block, or a lost cluster) is not waited for long.
         stuck = wait(futures, timeout=CANCEL_WAIT_S).not_done

@@ -32,6 +32,9 @@ class Progress:
     def dataset_finished(self, repo: str, pois: int, models: int) -> None:
         self.echo(f"{repo}: {pois} POIs written for {models} models")
 
+    def stopping(self) -> None:
+        """The run is stopping (Ctrl-C, a stop signal, a lost cluster): each dataset stops at its next block."""
+
 
 class Quiet(Progress):
     """Reports nothing."""

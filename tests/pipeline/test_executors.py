@@ -9,7 +9,8 @@ from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.core.encoder import Encoder, SparseRows, codeword_sums
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
-from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS, choose_executor
+from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS, choose_executor, run_datasets
+from rqvae_ray.pipeline.local import LocalExecutor
 from rqvae_ray.pipeline.options import ExecutorMode, PoolSizing, RunOptions
 from rqvae_ray.pipeline.progress import Progress
 from rqvae_ray.runner import run_models
@@ -86,3 +87,28 @@ def test_the_encoder_factory_builds_the_encoders_of_both_executors(demo_hub, loc
     [published] = [p.relative_to(local) for p in local.rglob("codebooks-*.csv")]
     assert (local / published).read_bytes() == (ray / published).read_bytes()
     assert (local / published).read_text().splitlines()[1].startswith('1,"[0, 0, 0]",')
+
+
+def test_a_stopped_run_reports_stopping_once_its_datasets_are_told_to_stop(demo_hub, tmp_path):
+    """Ctrl-C while the datasets run: the run tells every dataset to stop, then reports ``stopping`` (what a test's
+    gate or a console listens for) once, and the interrupt propagates; nothing is published."""
+
+    class Interrupted(LocalExecutor):
+        def wait(self, futures) -> None:
+            raise KeyboardInterrupt
+
+    class Stops(Progress):
+        def __init__(self) -> None:
+            super().__init__(lambda _text: None)
+            self.stopped = 0
+
+        def stopping(self) -> None:
+            self.stopped += 1
+
+    progress = Stops()
+    specs = parse_model_ids([DEFAULT_MODELS[0], DEFAULT_MODELS[5]])
+    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_datasets(specs, options, progress, lambda _rows: Interrupted())
+    assert progress.stopped == 1
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")]
