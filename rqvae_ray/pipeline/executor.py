@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.errors import Cancelled, RqvaeRayError, reason_of
 from rqvae_ray.inputs.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
@@ -28,10 +29,12 @@ from rqvae_ray.pipeline.results import ModelResult
 # How long an interrupted run waits for its datasets to stop and drop their unfinished files.
 CANCEL_WAIT_S = 5.0
 # Above this many SID rows (POIs to encode x models) ``auto`` starts a private Ray rather than working in this
-# process: measured on a 2-core machine (``python -m benchmarks w1``), a private Ray's start-up and first Ray Data
-# execution cost ~7-18 s, about what this process takes to encode and write 10 M SID rows with its threads, and Ray
-# uses the same cores; past this size the start-up is a small part of the job.
-LOCAL_MAX_SID_ROWS = 10_000_000
+# process, by output format. Measured on a 2-core machine in one sitting (``python -m benchmarks w2``, 2026-12-05): a
+# private Ray costs ~15 s to start, then streams Parquet at ~63k SID rows/s against ~47k here, so they meet near
+# 2.5 M SID rows (51.9/54.7 s here vs 52.0/53.8 s on Ray), and at 10 M Ray is ahead (172.8 s vs 213.9 s). CSV text
+# streams at ~45k SID rows/s either way (10 M: 229.6 s here, 236.2 s on Ray), so CSV stays here to 10 M, with a third
+# of the memory (0.9 vs 3.4 GiB PSS).
+LOCAL_MAX_SID_ROWS = {OutputFormat.CSV: 10_000_000, OutputFormat.PARQUET: 2_500_000}
 
 
 class DatasetStream(ABC):
@@ -88,8 +91,12 @@ def choose_executor(options: RunOptions, sid_rows: int | None) -> tuple[Executor
         return ExecutorMode.RAY, "GPUs are asked for"
     if sid_rows is None:
         return None
-    if sid_rows > LOCAL_MAX_SID_ROWS:
-        return ExecutorMode.RAY, f"{sid_rows:,} SID rows; a private Ray's start-up is a small part of the work"
+    fmt = options.output.fmt
+    if sid_rows > LOCAL_MAX_SID_ROWS[fmt]:
+        return ExecutorMode.RAY, (
+            f"{sid_rows:,} SID rows of {fmt.value}; past {LOCAL_MAX_SID_ROWS[fmt]:,} a private Ray is faster, start-up "
+            "included"
+        )
     return ExecutorMode.LOCAL, (
         f"{sid_rows:,} SID rows; a private Ray's start-up would cost more than the work; --executor ray to use it"
     )
