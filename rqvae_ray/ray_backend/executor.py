@@ -102,11 +102,13 @@ class Writers:
         alive = sorted((node["NodeID"] for node in ray.nodes() if node.get("Alive")), key=lambda node: node == here)
         with self.lock:
             nodes = [self._next_node(alive or [here]) for _ in range(count)]
-        writers = [_start_writer(NodeAffinitySchedulingStrategy(node, soft=True)) for node in nodes]
-        tokens = ray.get([writer.token_here.remote() for writer in writers])
+        # Pinned, not soft: a soft affinity let Ray place two writers on one node of a simulated cluster (as SPREAD
+        # had); a node gone since the listing fails its writer's first call, and a driver-node writer takes over.
+        writers = [_start_writer(NodeAffinitySchedulingStrategy(node, soft=False)) for node in nodes]
+        answers = [writer.token_here.remote() for writer in writers]
         with self.lock:
-            for index, token in enumerate(tokens):
-                if token:
+            for index, answer in enumerate(answers):
+                if _token_there(answer):
                     self.spread.append(writers[index])
                 else:
                     ray.kill(writers[index])
@@ -132,6 +134,17 @@ class Writers:
         for writer in [*self.here, *self.spread]:
             ray.kill(writer)
         self.here, self.spread = [], []
+
+
+def _token_there(answer) -> bool:
+    """Whether a writer placed on another node answered that a Hugging Face token is configured there (False when it
+    could not start: its node went away)."""
+    import ray
+
+    try:
+        return bool(ray.get(answer))
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError):
+        return False
 
 
 def _start_writer(where=None):
