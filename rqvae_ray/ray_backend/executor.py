@@ -92,7 +92,6 @@ class Writers:
     def get(self, count: int, anywhere: bool) -> list:
         """``count`` writer actors for one dataset (the same actor may serve several datasets)."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if not anywhere:
             with self.lock:
@@ -104,7 +103,7 @@ class Writers:
             nodes = [self._next_node(alive or [here]) for _ in range(count)]
         # Pinned, not soft: a soft affinity let Ray place two writers on one node of a simulated cluster (as SPREAD
         # had); a node gone since the listing fails its writer's first call, and a driver-node writer takes over.
-        writers = [_start_writer(NodeAffinitySchedulingStrategy(node, soft=False)) for node in nodes]
+        writers = [_start_writer(node) for node in nodes]
         answers = [writer.token_here.remote() for writer in writers]
         with self.lock:
             for index, answer in enumerate(answers):
@@ -147,13 +146,13 @@ def _token_there(answer) -> bool:
         return False
 
 
-def _start_writer(where=None):
-    """A writer actor on the driver's node (``where`` None) or where the scheduling strategy ``where`` places it; no
-    GPU and no CPU reserved: writers must never keep encoder actors from starting."""
+def _start_writer(node: str | None = None):
+    """A writer actor pinned to ``node`` (default: the driver's); no GPU and no CPU reserved: writers must never keep
+    encoder actors from starting."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    strategy = where or NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    strategy = NodeAffinitySchedulingStrategy(node or ray.get_runtime_context().get_node_id(), soft=False)
     options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1, "scheduling_strategy": strategy}
     return ray.remote(WriterActor).options(**options).remote()
 

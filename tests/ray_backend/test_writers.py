@@ -128,11 +128,9 @@ def test_files_preuploaded_by_another_process_go_in_one_commit(server, demo_run,
 def test_a_writer_pinned_to_a_node_that_is_gone_is_replaced(local_ray):
     """Upload-only writers are pinned to their nodes: one whose node left the cluster since the listing cannot start,
     and counts as a node without a token (a writer on the driver's node takes its models)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from rqvae_ray.ray_backend.executor import _start_writer, _token_there
 
-    gone = _start_writer(NodeAffinitySchedulingStrategy("ab" * 28, soft=False))
+    gone = _start_writer("ab" * 28)
     assert _token_there(gone.token_here.remote()) is False
     here = _start_writer()
     try:
