@@ -78,6 +78,11 @@ class Executor(ABC):
     def close(self) -> None:
         """Release what the run held once every dataset is done."""
 
+    @abstractmethod
+    def abandon(self) -> None:
+        """The run stops early (an error, Ctrl-C, a lost cluster) while datasets may still be in the executor's calls:
+        give back what this process's settings hold."""
+
 
 def choose_executor(options: RunOptions, sid_rows: int | None) -> tuple[ExecutorMode, str] | None:
     """Which executor runs and why; None when ``auto`` needs the number of SID rows to encode (not known yet)."""
@@ -161,6 +166,8 @@ def run_datasets(
                 if futures[index] in stuck:
                     stream.abort(keep_resume=True)
         pool.shutdown(wait=False, cancel_futures=True)
+        if executor is not None:
+            executor.abandon()
         raise
     pool.shutdown()
     executor.close()

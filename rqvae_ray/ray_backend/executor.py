@@ -73,6 +73,9 @@ class RayExecutor(Executor):
     def close(self) -> None:
         self.writers.close()
 
+    def abandon(self) -> None:
+        """Nothing: the writers end with the Ray that holds them (they may be serving a dataset still, or be lost)."""
+
 
 class Writers:
     """The run's writer actors. Those on the driver's node (where ``--out-dir`` is) are shared by the datasets: one per

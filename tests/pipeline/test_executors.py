@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
-from rqvae_ray.core.encoder import Encoder, SparseRows, codeword_sums
+from rqvae_ray.core.encoder import Encoder, SparseRows, codeword_sums, make_encoder
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS, choose_executor, run_datasets
@@ -101,7 +102,8 @@ def test_the_encoder_factory_builds_the_encoders_of_both_executors(demo_hub, loc
 
 def test_a_stopped_run_reports_stopping_once_its_datasets_are_told_to_stop(demo_hub, tmp_path):
     """Ctrl-C while the datasets run: the run tells every dataset to stop, then reports ``stopping`` (what a test's
-    gate or a console listens for) once, and the interrupt propagates; nothing is published."""
+    gate or a console listens for) once, and the interrupt propagates; nothing is published, and BLAS has its
+    setting back."""
 
     class Interrupted(LocalExecutor):
         def wait(self, futures) -> None:
@@ -118,7 +120,34 @@ def test_a_stopped_run_reports_stopping_once_its_datasets_are_told_to_stop(demo_
     progress = Stops()
     specs = parse_model_ids([DEFAULT_MODELS[0], DEFAULT_MODELS[5]])
     options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
-        run_datasets(specs, options, progress, lambda _rows: Interrupted())
+    with threadpool_limits(limits=2, user_api="blas"):
+        with pytest.raises(KeyboardInterrupt):
+            run_datasets(specs, options, progress, lambda _rows: Interrupted())
+        assert _blas_threads() == {2}
     assert progress.stopped == 1
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def _blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_blas_runs_one_thread_while_datasets_stream_in_this_process_and_gets_its_setting_back(demo_hub, tmp_path):
+    """The in-process executor's threads are one per core; BLAS's own threads on top of them would oversubscribe
+    the cores. Two datasets stream at once here: the process's setting comes back once both have ended."""
+    seen: list[set[int]] = []
+
+    def encoders(weights, use_gpu: bool = False) -> Encoder:
+        seen.append(_blas_threads())  # in an encode thread, as each model's encoder is built
+        return make_encoder(weights, use_gpu)
+
+    specs = parse_model_ids([DEFAULT_MODELS[0], DEFAULT_MODELS[5]])
+    options = RunOptions(
+        hub=LocalHub(demo_hub), out_dir=str(tmp_path), executor=ExecutorMode.LOCAL, encoder_factory=encoders
+    )
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert _blas_threads() == {2}
+        results = run_models(specs, options, Progress(lambda _: None))
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert len(seen) >= 2 and all(threads == {1} for threads in seen), seen
+        assert _blas_threads() == {2}
