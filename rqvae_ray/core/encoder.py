@@ -4,7 +4,11 @@ Batch invariance is by construction, not by luck:
 
 * everything before the argmin runs in float64;
 * the first layer is a gather-sum over each row's nonzero inputs, added in ascending column order, one row at a
-  time in effect (dense inputs are turned into that sparse form first, so both input layouts give the same bits);
+  time in effect (dense inputs are turned into that sparse form first, so both input layouts give the same bits).
+  Multi-hot rows (every value 1) take scipy's CSR product, which adds ``1.0 * column`` to a zero row for each of a
+  row's columns in turn: the same sums (a product by 1.0 is exact, so a fused multiply-add rounds alike), at half the
+  cost of numpy's gathers; they start from +0.0, which can change only the sign of a zero sum, and no distance, code
+  or Vector sees that sign;
 * every later layer runs as matrix products over blocks of exactly ``BLOCK_ROWS`` rows (the last block is padded),
   so the BLAS kernel, and therefore its rounding, is the same whatever the batch size;
 * the nearest codeword is the argmin of ``sum((r - c)**2)`` per row (one row's sum never depends on other rows),
@@ -16,8 +20,8 @@ Batch invariance is by construction, not by luck:
 The Vector is the sum of the chosen float32 codewords, accumulated in float32 level by level, as the original
 system's quantizer does: it depends on the codes alone.
 
-CPU work uses numpy only (no torch import in CPU actors). :class:`TorchEncoder` (CUDA actors) runs the same steps
-with torch, batch-invariant in the same way:
+CPU work uses numpy and scipy only (no torch import in CPU actors). :class:`TorchEncoder` (CUDA actors) runs the same
+steps with torch, batch-invariant in the same way:
 
 * the batch is cut into chunks of exactly ``CHUNK_ROWS`` rows (``TILES_PER_CHUNK`` blocks, the last chunk padded with
   rows that read only zeros), and every kernel runs on a chunk or a fixed share of one: the same shapes, so the same
@@ -58,6 +62,8 @@ BLOCK_ROWS = 256
 # The device encoder's fixed chunk of whole blocks, padded like the last block (see TorchEncoder).
 TILES_PER_CHUNK = 16
 CHUNK_ROWS = TILES_PER_CHUNK * BLOCK_ROWS
+# Multi-hot rows whose first layer one CSR product computes on the CPU: 2 MiB of activations, not the whole batch's.
+FIRST_LAYER_ROWS = 1024
 # At most this many float64 differences [rows, codewords, latent] in one step of the device quantizer (128 MiB).
 QUANTIZE_ELEMENTS = 1 << 24
 # The shortlist margin, relative to |r|**2 + max |c|**2: about 1e6 times the rounding error of a 64-term float64
@@ -135,6 +141,7 @@ class Encoder:
         # Column -1 (the padding of SparseRows.padded) reads this appended zero column.
         # C order: gathering rows of a column-major array is two orders of magnitude slower.
         self._first_columns = np.ascontiguousarray(np.vstack([first.weight.T, np.zeros((1, first.weight.shape[0]))]))
+        self._first_weight_t = self._first_columns[:-1]
         self._first_bias = first.bias
         # One gathered term per row of a block, reused: small enough to stay in cache (np.take would copy into a
         # strided `out`, so it is a contiguous buffer of its own).
@@ -150,12 +157,19 @@ class Encoder:
     def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and the encoder's output ``z`` float64 [n, latent]."""
         self._check_columns(rows)
-        cols, vals = rows.padded()
         latent = np.empty((rows.num_rows, self.weights.latent_dim), dtype=np.float64)
-        for start in range(0, rows.num_rows, BLOCK_ROWS):
-            block = slice(start, start + BLOCK_ROWS)
-            hidden = self._first_layer(cols[block], None if vals is None else vals[block])
-            latent[block] = self._dense_layers(hidden)
+        if rows.values is None:
+            for start in range(0, rows.num_rows, FIRST_LAYER_ROWS):
+                hidden = self._multi_hot_first_layer(rows, start, min(start + FIRST_LAYER_ROWS, rows.num_rows))
+                for block in range(0, len(hidden), BLOCK_ROWS):
+                    latent[start + block : start + block + BLOCK_ROWS] = self._dense_layers(
+                        hidden[block : block + BLOCK_ROWS]
+                    )
+        else:
+            cols, vals = rows.padded()
+            for start in range(0, rows.num_rows, BLOCK_ROWS):
+                block = slice(start, start + BLOCK_ROWS)
+                latent[block] = self._dense_layers(self._first_layer(cols[block], vals[block]))
         # The quantizer decides each row on its own (see the module docstring), so it takes the whole batch at once.
         return self._quantize(latent), latent
 
@@ -168,19 +182,31 @@ class Encoder:
         """Sum of the chosen float32 codewords, accumulated in float32 from level 0 up."""
         return codeword_sums(self.weights.codebooks, codes)
 
-    def _first_layer(self, cols: np.ndarray, vals: np.ndarray | None) -> np.ndarray:
+    def _multi_hot_first_layer(self, rows: SparseRows, start: int, stop: int) -> np.ndarray:
+        """The first layer of rows ``start:stop`` when every value is 1 (see the module docstring)."""
+        from scipy.sparse import csr_array
+
+        first, last = rows.indptr[start], rows.indptr[stop]
+        ones = csr_array(
+            (np.ones(last - first), rows.indices[first:last], rows.indptr[start : stop + 1] - first),
+            shape=(stop - start, len(self._first_weight_t)),
+        )
+        hidden = ones @ self._first_weight_t
+        hidden += self._first_bias
+        return hidden
+
+    def _first_layer(self, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """The first layer of one block of weighted rows (``SparseRows.padded``): term by term, in column order."""
         slot_cols = np.ascontiguousarray(cols.T)  # [slots, rows]: each gather reads contiguous indices
         # mode="wrap" reads padding (column -1) from the appended zero row, and unlike mode="raise" writes `out`
         # directly rather than through a temporary.
         hidden = np.take(self._first_columns, slot_cols[0], axis=0, mode="wrap")
-        if vals is not None:
-            hidden *= vals[:, 0, None]
+        hidden *= vals[:, 0, None]
         # Slot after slot, so that each row's terms are added in ascending column order.
         term = self._term[: len(cols)]
         for slot in range(1, len(slot_cols)):
             np.take(self._first_columns, slot_cols[slot], axis=0, out=term, mode="wrap")
-            if vals is not None:
-                term *= vals[:, slot, None]
+            term *= vals[:, slot, None]
             hidden += term
         hidden += self._first_bias
         return hidden

@@ -1,7 +1,7 @@
 """Where SIDs are computed: the Ray Data UDF whose instances hold one or more frozen models and encode each batch.
 
 It knows nothing of the executor that runs it (Ray's actor pools, or the in-process executor's threads), and is kept
-lean on purpose: a CPU instance imports numpy and pyarrow only (torch only for a GPU).
+lean on purpose: a CPU instance imports numpy, scipy and pyarrow only (torch only for a GPU).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rqvae_ray.core.checkpoint import load_checkpoint_file
-from rqvae_ray.core.encoder import CHUNK_ROWS, Encoder, SparseRows, TorchEncoder, choose_device
+from rqvae_ray.core.encoder import CHUNK_ROWS, FIRST_LAYER_ROWS, Encoder, SparseRows, TorchEncoder, choose_device
 from rqvae_ray.core.rows import rows_from_table, sparse_table
 from tests.reference import reference_sids
 
@@ -70,6 +70,25 @@ def test_rows_without_features(demo_hub):
     codes, vectors = encoder.encode(SparseRows.from_dense(mixed))
     np.testing.assert_array_equal(codes, ref_codes)
     np.testing.assert_array_equal(vectors, ref_vectors)
+
+
+def test_multi_hot_rows_get_the_bits_of_weights_of_one(demo_hub):
+    """Multi-hot rows take scipy's CSR product on the CPU, weighted rows numpy's gathers: the same rows given with
+    weights of 1.0 get the same latents (``assert_array_equal`` does not tell -0.0 from +0.0) and codes, and the CSR
+    product's chunks of ``FIRST_LAYER_ROWS`` rows change nothing whatever the batch."""
+    features, path = _load(demo_hub, "tky", "rqvae-tky-div0.5-commit0.25-lr5e-5")
+    encoder = Encoder(load_checkpoint_file(path))
+    multi_hot = SparseRows.from_dense(features)
+    assert multi_hot.values is None and multi_hot.num_rows > 2 * FIRST_LAYER_ROWS
+    ones = SparseRows(multi_hot.indptr, multi_hot.indices, np.ones(len(multi_hot.indices), dtype=np.float32))
+    codes, latent = encoder.encode_latent(multi_hot)
+    weighted_codes, weighted_latent = encoder.encode_latent(ones)
+    np.testing.assert_array_equal(weighted_latent, latent)
+    np.testing.assert_array_equal(weighted_codes, codes)
+    for batch in (FIRST_LAYER_ROWS - 1, FIRST_LAYER_ROWS + 1, 3 * FIRST_LAYER_ROWS):
+        got_codes, got_latent = _in_batches(encoder, features, batch)
+        np.testing.assert_array_equal(got_latent, latent, err_msg=f"batch {batch}")
+        np.testing.assert_array_equal(got_codes, codes, err_msg=f"batch {batch}")
 
 
 def _in_batches(encoder: Encoder, features: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
