@@ -72,10 +72,9 @@ def run(
         typer.Option(
             help="Where the work runs: 'local' in this process (its threads), 'ray' on Ray Data's actor pools (a "
             "private local Ray, or the cluster of --address / RAY_ADDRESS), 'auto' on Ray when a cluster is given, "
-            "GPUs are asked for or the job has over "
-            f"{LOCAL_MAX_SID_ROWS[OutputFormat.CSV]:,} SID rows of CSV or {LOCAL_MAX_SID_ROWS[OutputFormat.PARQUET]:,} "
-            "of Parquet (POIs to encode x models; Ray is faster past these on a 2-core machine, measured), in this "
-            "process otherwise. Outputs are byte-identical either way."
+            f"GPUs are asked for or the job has over {LOCAL_MAX_SID_ROWS:,} SID rows (POIs to encode x models; "
+            "measured: this process is faster up to there on 2 cores, and its serial part caps it near 3x one core "
+            "however many there are), in this process otherwise. Outputs are byte-identical either way."
         ),
     ] = ExecutorMode.AUTO,
     pools: Annotated[

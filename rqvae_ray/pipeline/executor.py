@@ -16,7 +16,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.errors import Cancelled, RqvaeRayError, reason_of
 from rqvae_ray.inputs.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
@@ -29,12 +28,12 @@ from rqvae_ray.pipeline.results import ModelResult
 # How long an interrupted run waits for its datasets to stop and drop their unfinished files.
 CANCEL_WAIT_S = 5.0
 # Above this many SID rows (POIs to encode x models) ``auto`` starts a private Ray rather than working in this
-# process, by output format. Measured on a 2-core machine in one sitting (``python -m benchmarks w2``, 2026-12-05): a
-# private Ray costs ~15 s to start, then streams Parquet at ~63k SID rows/s against ~47k here, so they meet near
-# 2.5 M SID rows (51.9/54.7 s here vs 52.0/53.8 s on Ray), and at 10 M Ray is ahead (172.8 s vs 213.9 s). CSV text
-# streams at ~45k SID rows/s either way (10 M: 229.6 s here, 236.2 s on Ray), so CSV stays here to 10 M, with a third
-# of the memory (0.9 vs 3.4 GiB PSS).
-LOCAL_MAX_SID_ROWS = {OutputFormat.CSV: 10_000_000, OutputFormat.PARQUET: 2_500_000}
+# process. Measured on a 2-core machine (``python -m benchmarks w2``, 2026-12-05): at 10 M SID rows this process is
+# still ahead in both formats (Parquet 111.1 s vs 138.6 s on Ray, CSV 132.9 s vs 207.1 s, with a third of the memory),
+# and on 2 cores it streams faster than Ray's actors at any size. But a quarter to a third of its work is serial (one
+# core vs two at 500k x 5: Parquet 49.9 vs 31.7 s, CSV 58.6 vs 39.3 s), which caps it near 3x one core however many
+# there are, while Ray's actors scale with the cores: past the largest size measured here, Ray.
+LOCAL_MAX_SID_ROWS = 10_000_000
 
 
 class DatasetStream(ABC):
@@ -96,11 +95,10 @@ def choose_executor(options: RunOptions, sid_rows: int | None) -> tuple[Executor
         return ExecutorMode.RAY, "GPUs are asked for"
     if sid_rows is None:
         return None
-    fmt = options.output.fmt
-    if sid_rows > LOCAL_MAX_SID_ROWS[fmt]:
-        return ExecutorMode.RAY, (
-            f"{sid_rows:,} SID rows of {fmt.value}; past {LOCAL_MAX_SID_ROWS[fmt]:,} a private Ray is faster, start-up "
-            "included"
+    if sid_rows > LOCAL_MAX_SID_ROWS:
+        return (
+            ExecutorMode.RAY,
+            f"{sid_rows:,} SID rows; past {LOCAL_MAX_SID_ROWS:,} a private Ray, whose actors scale with the cores",
         )
     return ExecutorMode.LOCAL, (
         f"{sid_rows:,} SID rows; a private Ray's start-up would cost more than the work; --executor ray to use it"

@@ -27,17 +27,15 @@ def test_auto_picks_ray_for_a_cluster_gpus_or_a_large_job_and_this_process_other
     mode, why = choose_executor(_options(), 130_350)
     assert mode is ExecutorMode.LOCAL
     assert why == "130,350 SID rows; a private Ray's start-up would cost more than the work; --executor ray to use it"
-    csv_limit, parquet_limit = LOCAL_MAX_SID_ROWS[OutputFormat.CSV], LOCAL_MAX_SID_ROWS[OutputFormat.PARQUET]
-    assert parquet_limit < csv_limit
-    assert choose_executor(_options(), csv_limit)[0] is ExecutorMode.LOCAL
-    assert choose_executor(_options(), csv_limit + 1) == (
+    assert choose_executor(_options(), LOCAL_MAX_SID_ROWS)[0] is ExecutorMode.LOCAL
+    assert choose_executor(_options(), LOCAL_MAX_SID_ROWS + 1) == (
         ExecutorMode.RAY,
-        f"{csv_limit + 1:,} SID rows of csv; past {csv_limit:,} a private Ray is faster, start-up included",
+        f"{LOCAL_MAX_SID_ROWS + 1:,} SID rows; past {LOCAL_MAX_SID_ROWS:,} a private Ray, whose actors scale with the "
+        "cores",
     )
     parquet = OutputSpec(OutputFormat.PARQUET)
-    assert choose_executor(_options(output=parquet), parquet_limit)[0] is ExecutorMode.LOCAL
-    assert choose_executor(_options(output=parquet), parquet_limit + 1)[0] is ExecutorMode.RAY
-    assert choose_executor(_options(), parquet_limit + 1)[0] is ExecutorMode.LOCAL
+    assert choose_executor(_options(output=parquet), LOCAL_MAX_SID_ROWS)[0] is ExecutorMode.LOCAL
+    assert choose_executor(_options(output=parquet), LOCAL_MAX_SID_ROWS + 1)[0] is ExecutorMode.RAY
     assert choose_executor(_options(address="10.0.0.1:6379"), None) == (
         ExecutorMode.RAY,
         "the cluster at --address 10.0.0.1:6379",
