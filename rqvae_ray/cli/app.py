@@ -73,7 +73,7 @@ def run(
             help="Where the work runs: 'local' in this process (its threads), 'ray' on Ray Data's actor pools (a "
             "private local Ray, or the cluster of --address / RAY_ADDRESS), 'auto' on Ray when a cluster is given, "
             f"GPUs are asked for or the job has over {LOCAL_MAX_SID_ROWS:,} SID rows (POIs to encode x models; "
-            "measured: this process is faster up to there on 2 cores, and its serial part caps it near 3x one core "
+            "measured: this process is faster up to there on 2 cores, and its serial part caps it at 3-4x one core "
             "however many there are), in this process otherwise. Outputs are byte-identical either way."
         ),
     ] = ExecutorMode.AUTO,

@@ -31,7 +31,7 @@ CANCEL_WAIT_S = 5.0
 # process. Measured on a 2-core machine (``python -m benchmarks w2``, 2026-12-05): at 10 M SID rows this process is
 # still ahead in both formats (Parquet 111.1 s vs 138.6 s on Ray, CSV 132.9 s vs 207.1 s, with a third of the memory),
 # and on 2 cores it streams faster than Ray's actors at any size. But a quarter to a third of its work is serial (one
-# core vs two at 500k x 5: Parquet 49.9 vs 31.7 s, CSV 58.6 vs 39.3 s), which caps it near 3x one core however many
+# core vs two at 500k x 5: Parquet 49.9 vs 31.7 s, CSV 58.6 vs 39.3 s), which caps it at 3-4x one core however many
 # there are, while Ray's actors scale with the cores: past the largest size measured here, Ray.
 LOCAL_MAX_SID_ROWS = 10_000_000
 

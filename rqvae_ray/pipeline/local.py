@@ -2,7 +2,7 @@
 encoder's float64 matrix products and pyarrow's kernels release the GIL) and go to its writer in Pid order.
 
 The threads are one per core, so BLAS runs one thread per call while the run lasts (OpenBLAS's own threads, one
-per core by default, would double the busy threads: a 250k x 5 Parquet run took 1.5x as long, its CPU time 1.6x).
+per core by default, would double the busy threads: a 250k x 5 Parquet run took 1.4x as long, its CPU time 1.4-1.5x).
 
 For small jobs and tests: no Ray process is started, so a run costs its work and nothing more.
 """
