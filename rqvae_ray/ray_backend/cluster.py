@@ -21,8 +21,6 @@ BLOCK_BYTES = 4 << 20
 # Data lets a task hold only 2 output blocks the driver has not taken yet, and with 4 MiB blocks of text the encoder
 # actors stalled on that (the ceiling benchmark at 1 M POIs x 5 models: 94k -> 143k SID rows/s streamed).
 CSV_BLOCK_BYTES = 16 << 20
-# How long a run waits for Ray to shut down before it exits anyway.
-RAY_STOP_WAIT_S = 15.0
 # How long a private local Ray's processes have to end by themselves after ray.shutdown() before they are killed.
 RAY_EXIT_GRACE_S = 1.0
 
@@ -181,18 +179,28 @@ def _shutdown_ray() -> None:
     """``ray.shutdown()``, then make sure the processes of a private local Ray have ended.
 
     ``ray.shutdown()`` stops the GCS and the raylet but leaves their workers to notice on their own: dozens of actors
-    on few CPUs took 5-10 s to, outliving the run. Those still there after a short grace are killed.
+    on few CPUs took 5-10 s to, outliving the run. Those still there after a short grace are killed. When the GCS no
+    longer answers (the cluster was lost), ``ray.shutdown()`` would wait on it until this process gives up on the
+    shutdown (8 s of a lost private Ray's exit); it is skipped and the private Ray's processes are killed.
     """
     import ray
 
     ours = _local_ray_processes()  # before the shutdown: its workers are then reparented away from the raylet
-    ray.shutdown()
-    if _wait_gone(ours, RAY_EXIT_GRACE_S):
-        return
+    if _gcs_answers():
+        ray.shutdown()
+        if _wait_gone(ours, RAY_EXIT_GRACE_S):
+            return
     for pid in _alive(ours):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     _wait_gone(ours, RAY_EXIT_GRACE_S)
+
+
+def _gcs_answers() -> bool:
+    """Whether this process is connected to a Ray whose GCS still accepts connections."""
+    import ray
+
+    return ray.is_initialized() and _gcs_reachable(ray.get_runtime_context().gcs_address)
 
 
 def _local_ray_processes() -> dict[int, str]:
@@ -230,15 +238,6 @@ def _wait_gone(processes: dict[int, str], within_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def stop_ray(within_s: float = RAY_STOP_WAIT_S) -> None:
-    """Shut Ray down, giving up after ``within_s`` seconds.
-
-    Used when a run stops early (interrupted, or the cluster lost): other threads may still be inside Ray calls, and
-    a shutdown that hangs on them must not keep the process alive.
-    """
-    begin_stopping_ray().wait(within_s)
 
 
 def _gcs_reachable(address: str) -> bool:

@@ -1,4 +1,5 @@
-"""Stopping a private local Ray: its processes that outlive ``ray.shutdown()`` are killed after a short grace."""
+"""Stopping a private local Ray: its processes that outlive ``ray.shutdown()`` are killed after a short grace; when its
+GCS no longer answers, they are killed without a ``ray.shutdown()`` that would wait on it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from rqvae_ray.ray_backend import cluster, compat
 STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
 
 
-def test_processes_left_after_shutdown_are_killed_and_their_children_too(monkeypatch):
+def _stubborn_tree() -> subprocess.Popen:
+    """A process whose child ignores SIGTERM (once this returns, both are running)."""
     parent = subprocess.Popen(
         [
             sys.executable,
@@ -25,12 +27,38 @@ def test_processes_left_after_shutdown_are_killed_and_their_children_too(monkeyp
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert parent.stdout.readline().strip() == "up"  # the grandchild (a "worker") is running
+    return parent
+
+
+def test_processes_left_after_shutdown_are_killed_and_their_children_too(monkeypatch):
+    parent = _stubborn_tree()
+    shutdowns = []
     try:
-        assert parent.stdout.readline().strip() == "up"  # the grandchild (a "worker") is running
         monkeypatch.setattr(compat, "local_node_pids", lambda: {parent.pid})
-        monkeypatch.setattr(ray, "shutdown", lambda: None)  # as if Ray's own shutdown left them behind
+        monkeypatch.setattr(cluster, "_gcs_answers", lambda: True)
+        monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # as if Ray's own shutdown left them behind
         tree = cluster._local_ray_processes()
         assert parent.pid in tree and len(tree) == 2
+        cluster._shutdown_ray()
+        assert cluster._alive(tree) == []
+        assert parent.wait(timeout=10) == -signal.SIGKILL
+        assert shutdowns == [1]
+    finally:
+        parent.kill()
+
+
+def test_a_ray_whose_gcs_is_gone_is_killed_without_waiting_on_it(monkeypatch):
+    parent = _stubborn_tree()
+
+    def hangs() -> None:
+        raise AssertionError("ray.shutdown() was called with the GCS gone; it would wait on it")
+
+    try:
+        monkeypatch.setattr(compat, "local_node_pids", lambda: {parent.pid})
+        monkeypatch.setattr(cluster, "_gcs_answers", lambda: False)
+        monkeypatch.setattr(ray, "shutdown", hangs)
+        tree = cluster._local_ray_processes()
         cluster._shutdown_ray()
         assert cluster._alive(tree) == []
         assert parent.wait(timeout=10) == -signal.SIGKILL
