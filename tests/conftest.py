@@ -62,6 +62,26 @@ def own_ray_lock(tmp_path_factory: pytest.TempPathFactory):
     return FileLock(shared_root(tmp_path_factory) / "own_ray.lock", timeout=OWN_RAY_WAIT_S)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "starts_ray: the test starts a Ray of its own where no fixture says so")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that start a Ray of their own first, then those on the session's local Ray, then the rest (each
+    group in its order). pytest-xdist's worksteal hands each worker a contiguous share of this list and the idle one
+    takes from the end of the other's: the Ray tests, which take turns (see :func:`own_ray_lock`), run one after
+    another on one worker from the start while the other runs the rest, rather than waiting on each other at the
+    end, and that worker's local Ray serves all of the local-Ray tests."""
+
+    def group(item: pytest.Item) -> int:
+        names = getattr(item, "fixturenames", ())
+        if "own_ray" in names or item.get_closest_marker("starts_ray"):
+            return 0
+        return 1 if "local_ray" in names else 2
+
+    items.sort(key=group)
+
+
 @pytest.fixture
 def own_ray(tmp_path_factory):
     """Held for the test: see :func:`own_ray_lock`."""

@@ -153,7 +153,7 @@ BAD_MODELS = {
 }
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.starts_ray)])
 def test_bad_input_catalogue(bad_hub, tmp_path, executor, request):
     """Every bad input fails its own model with one line, on both executors (on Ray, the failures found inside Ray
     Data's tasks surface as the same lines)."""
@@ -292,7 +292,12 @@ def _published(path: Path) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("sig", "executor"), [(signal.SIGKILL, "local"), (signal.SIGINT, "local"), (signal.SIGINT, "ray")]
+    ("sig", "executor"),
+    [
+        (signal.SIGKILL, "local"),
+        (signal.SIGINT, "local"),
+        pytest.param(signal.SIGINT, "ray", marks=pytest.mark.starts_ray),
+    ],
 )
 def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(
     demo_hub, demo_run, tmp_path, sig, executor, request

@@ -454,6 +454,7 @@ def error_lines(proc: subprocess.CompletedProcess, model_id: str) -> list[str]:
 
 
 @pytest.mark.timeout(300, method="signal")
+@pytest.mark.starts_ray  # impossible_pool runs the CLI on a private Ray
 def test_a_pool_that_cannot_start_fails_in_bounded_time(impossible_pool):
     proc, seconds, out = impossible_pool
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -467,6 +468,7 @@ def test_a_pool_that_cannot_start_fails_in_bounded_time(impossible_pool):
 
 
 @pytest.mark.timeout(300, method="signal")
+@pytest.mark.starts_ray  # impossible_pool runs the CLI on a private Ray
 def test_a_pool_that_cannot_start_says_what_it_asked_for_and_what_to_change(impossible_pool):
     proc, _, _ = impossible_pool
     (line,) = error_lines(proc, NYC_A)
