@@ -1,6 +1,7 @@
 """The floor of any Ray Data run on this machine, the third system of W1: start a private local Ray the way the
 product does, stream N rows (by default W1's 13,035 POIs) through one actor pool of one actor whose constructor
-imports numpy and pyarrow, and exit. No model, no file: what is left of a run when its own work is taken away.
+imports numpy and pyarrow, and stop Ray the way the product's command line does. No model, no file: what is left of
+a run when its own work is taken away.
 
 Run: ``python -m benchmarks.floor [--rows N] [--batch-size B]``.
 """
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import pyarrow as pa
 
-    from rqvae_ray.ray_backend.cluster import configure_data_context, start_ray
+    from rqvae_ray.ray_backend.cluster import begin_stopping_ray, configure_data_context, start_ray
 
     start_ray(None)
     configure_data_context()
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> int:
         Touch, batch_size=args.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.5
     )
     rows = sum(bundle.num_rows() for bundle in ds.iter_internal_ref_bundles())
+    begin_stopping_ray().wait()
     print(f"{rows} rows through one actor pool in {time.perf_counter() - started:.2f}s", flush=True)
     return 0 if rows == args.rows else 1
 

@@ -185,8 +185,16 @@ def _shutdown_ray() -> None:
     """
     import ray
 
+    from rqvae_ray.ray_backend import compat
+
     ours = _local_ray_processes()  # before the shutdown: its workers are then reparented away from the raylet
     if _gcs_answers():
+        # Ray stops its processes one after another, the autoscaler's monitor after the GCS, and the monitor's SIGTERM
+        # handler then waits on the GCS until Ray kills it a second later (1.0 of the 1.4 s of a private Ray's
+        # shutdown). A private single-machine Ray's monitor has nothing to clean up: it is killed first.
+        for pid in compat.local_monitor_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         ray.shutdown()
         if _wait_gone(ours, RAY_EXIT_GRACE_S):
             return

@@ -39,3 +39,12 @@ def local_node_pids() -> set[int]:
 
     node = worker._global_node
     return {info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos}
+
+
+def local_monitor_pids() -> set[int]:
+    """The autoscaler monitor of the local Ray node this process started (``all_processes["monitor"]``: private,
+    Ray 2.60); none when it joined a cluster."""
+    from ray._private import ray_constants, worker
+
+    infos = getattr(worker._global_node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, [])
+    return {info.process.pid for info in infos}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import ray
 
 from rqvae_ray.ray_backend import cluster, compat
@@ -64,3 +65,24 @@ def test_a_ray_whose_gcs_is_gone_is_killed_without_waiting_on_it(monkeypatch):
         assert parent.wait(timeout=10) == -signal.SIGKILL
     finally:
         parent.kill()
+
+
+def test_the_autoscaler_monitor_is_killed_before_ray_shuts_down(monkeypatch):
+    """Ray stops the monitor after the GCS, and its SIGTERM handler then waits on the GCS until Ray kills it."""
+    monitor = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True)
+    statuses = []
+    try:
+        assert monitor.stdout.readline().strip() == "up"
+        monkeypatch.setattr(compat, "local_node_pids", lambda: set())
+        monkeypatch.setattr(compat, "local_monitor_pids", lambda: {monitor.pid})
+        monkeypatch.setattr(cluster, "_gcs_answers", lambda: True)
+        monkeypatch.setattr(ray, "shutdown", lambda: statuses.append(monitor.wait(timeout=10)))
+        cluster._shutdown_ray()
+        assert statuses == [-signal.SIGKILL]
+    finally:
+        monitor.kill()
+
+
+def test_the_local_rays_monitor_is_found(local_ray):
+    (pid,) = compat.local_monitor_pids()
+    assert "monitor.py" in " ".join(psutil.Process(pid).cmdline())
