@@ -67,19 +67,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that start a Ray of their own first, then those on the session's local Ray, then the rest (each
-    group in its order). pytest-xdist's worksteal hands each worker a contiguous share of this list and the idle one
-    takes from the end of the other's: the Ray tests, which take turns (see :func:`own_ray_lock`), run one after
-    another on one worker from the start while the other runs the rest, rather than waiting on each other at the
-    end, and that worker's local Ray serves all of the local-Ray tests."""
-
-    def group(item: pytest.Item) -> int:
+    """The tests that start a Ray of their own first, and those on the session's local Ray first in the second
+    worker's share. pytest-xdist's worksteal hands each worker a contiguous share of this list (the first worker the
+    first ``len // workers`` items) and an idle worker takes from the end of another's: one worker runs the Ray
+    tests, which take turns (see :func:`own_ray_lock`), one after another from the start rather than waiting on each
+    other at the end, and the other starts the one local Ray that serves the local-Ray tests."""
+    own, local, rest = [], [], []
+    for item in items:
         names = getattr(item, "fixturenames", ())
         if "own_ray" in names or item.get_closest_marker("starts_ray"):
-            return 0
-        return 1 if "local_ray" in names else 2
-
-    items.sort(key=group)
+            own.append(item)
+        else:
+            (local if "local_ray" in names else rest).append(item)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    first_share = len(items) // workers if workers > 1 else len(own)
+    filler = max(0, first_share - len(own))
+    items[:] = own + rest[:filler] + local + rest[filler:]
 
 
 @pytest.fixture

@@ -19,11 +19,13 @@ def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, loca
     options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), executor=ExecutorMode.RAY, batch_size=16)
     killed: list[int] = []
     stop = threading.Event()
+    # Writers of earlier tests on this Ray, killed when their runs ended, may not have exited yet: not this run's.
+    earlier = {process.pid for process in descendants_running(os.getpid(), "WriterActor")}
 
     def killer() -> None:
         deadline = time.monotonic() + 120
         while not killed and not stop.is_set() and time.monotonic() < deadline:
-            pid = kill_first(descendants_running(os.getpid(), "WriterActor"))
+            pid = kill_first([p for p in descendants_running(os.getpid(), "WriterActor") if p.pid not in earlier])
             if pid is not None:
                 killed.append(pid)
                 return
