@@ -231,9 +231,7 @@ def run(
         if reports_to is not None:  # a PNG will be drawn
             threading.Thread(target=_import_plotting, daemon=True).start()
         outcome = _execute(console, specs, invalid, options, progress, debug, summary_json)
-        stopping = begin_shutdown()
         _report(console, outcome.results, reports_to)
-        stopping.wait(SHUTDOWN_WAIT_S)
         if console.log_path is not None:
             console.echo(f"Log of this run (Ray's and the libraries' own output): {console.log_path}")
         failed = [r for r in outcome.results if not r.ok]
@@ -360,14 +358,23 @@ def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: P
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # the run is stopping already
     console.error(line)
-    begin_shutdown().wait(SHUTDOWN_WAIT_S)
     try:
         _finish(console, outcome, summary_json)
     except typer.Exit:
         pass  # _finish ends the command through typer; this process ends here instead
     for stream in (console.out, console.err, sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(outcome.code)
+    _stop_ray_and_exit(outcome.code)
+
+
+def _stop_ray_and_exit(code: int) -> NoReturn:
+    """Stop what this process's runs started (Ray, when they ran on it), then end the process at once. Nothing of
+    the run may come after the shutdown: a Ray object freed once the driver has left Ray (while the quality report
+    was drawn, in one job run of ~30) makes Ray's core worker end the process with status 1."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # the run is over: its outputs are published or given up
+    begin_shutdown().wait(SHUTDOWN_WAIT_S)
+    os._exit(code)
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -405,8 +412,9 @@ def _report(console: RunConsole, results: list[ModelResult], folder: Path | None
 def main() -> NoReturn:
     """Console-script entry point (also ``python -m rqvae_ray.run``).
 
-    Once the command has returned, its files are published and Ray is shut down; the process then ends at once,
-    because the interpreter's own teardown of torch, Ray and Arrow takes seconds and does nothing for the user.
+    Once the command has returned, its files are published; Ray, when the run started or joined it, is then shut down
+    and the process ends at once, because the interpreter's own teardown of torch, Ray and Arrow takes seconds and
+    does nothing for the user.
     SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number.
     """
     for signum in STOP_SIGNALS:
@@ -422,7 +430,7 @@ def main() -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    _stop_ray_and_exit(code)
 
 
 if __name__ == "__main__":
