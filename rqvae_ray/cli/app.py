@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -373,6 +374,8 @@ def _stop_ray_and_exit(code: int) -> NoReturn:
     was drawn, in one job run of ~30) makes Ray's core worker end the process with status 1."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # the run is over: its outputs are published or given up
+    gc.collect()  # what is left of the run's Ray objects goes while Ray is up; no collection comes after
+    gc.disable()
     begin_shutdown().wait(SHUTDOWN_WAIT_S)
     os._exit(code)
 
