@@ -354,7 +354,7 @@ def _stopped_line(signum: int) -> str:
 
 
 def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
-    """End a run stopped early: print ``line``, stop Ray (when this process started it), write ``--summary-json`` and
+    """End a run stopped early: print ``line``, write ``--summary-json``, stop Ray (when this process started it) and
     exit at once, because the dataset threads may still be inside Ray calls and nothing is left to wait for."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # the run is stopping already

@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
@@ -169,7 +170,7 @@ def _pool_start_failure(num_cpus: float, num_gpus: float, wait_s: float) -> str:
 
 def begin_stopping_ray() -> threading.Event:
     """Start shutting Ray down in the background (a private local Ray's processes end with it); the event is set when
-    done. The driver goes on meanwhile (writing the quality report, say): the shutdown is mostly waiting."""
+    done. The caller waits on it with a bound of its own: a shutdown that hangs must not keep the process alive."""
     done = threading.Event()
     threading.Thread(target=lambda: (_shutdown_ray(), done.set()), daemon=True).start()
     return done
@@ -192,16 +193,19 @@ def _shutdown_ray() -> None:
         # Ray stops its processes one after another, the autoscaler's monitor after the GCS, and the monitor's SIGTERM
         # handler then waits on the GCS until Ray kills it a second later (1.0 of the 1.4 s of a private Ray's
         # shutdown). A private single-machine Ray's monitor has nothing to clean up: it is killed first.
-        for pid in compat.local_monitor_pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(compat.local_monitor_pids())
         ray.shutdown()
         if _wait_gone(ours, RAY_EXIT_GRACE_S):
             return
-    for pid in _alive(ours):
+    _kill(_alive(ours))
+    _wait_gone(ours, RAY_EXIT_GRACE_S)
+
+
+def _kill(pids: Iterable[int]) -> None:
+    """SIGKILL each of ``pids`` that is still there to kill."""
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    _wait_gone(ours, RAY_EXIT_GRACE_S)
 
 
 def _gcs_answers() -> bool:

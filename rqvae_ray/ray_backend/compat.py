@@ -32,19 +32,23 @@ def block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:
             yield entry.ref, (part.start_offset, part.end_offset) if part is not None else None
 
 
-def local_node_pids() -> set[int]:
-    """The processes (GCS, raylet, agents, ...) of the local Ray node this process started; none when it joined a
-    cluster (``ray._private.worker._global_node.all_processes``: private, Ray 2.4x-2.60)."""
+def _local_node_processes() -> dict[str, list]:
+    """``ray._private.worker._global_node.all_processes`` (private, Ray 2.4x-2.60): process type -> the processes of
+    the local Ray node this process started; empty when it joined a cluster."""
     from ray._private import worker
 
-    node = worker._global_node
-    return {info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos}
+    return getattr(worker._global_node, "all_processes", {})
+
+
+def local_node_pids() -> set[int]:
+    """The processes (GCS, raylet, agents, ...) of the local Ray node this process started; none when it joined a
+    cluster."""
+    return {info.process.pid for infos in _local_node_processes().values() for info in infos}
 
 
 def local_monitor_pids() -> set[int]:
-    """The autoscaler monitor of the local Ray node this process started (``all_processes["monitor"]``: private,
-    Ray 2.60); none when it joined a cluster."""
-    from ray._private import ray_constants, worker
+    """The autoscaler monitor of the local Ray node this process started (process type ``monitor``, Ray 2.60); none
+    when it joined a cluster."""
+    from ray._private import ray_constants
 
-    infos = getattr(worker._global_node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, [])
-    return {info.process.pid for info in infos}
+    return {info.process.pid for info in _local_node_processes().get(ray_constants.PROCESS_TYPE_MONITOR, [])}
