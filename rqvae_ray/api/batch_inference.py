@@ -51,8 +51,8 @@ class BatchInferenceProcessor:
     ``for_`` (trainers' presets such as ``["lc-rec", "grid"]``, or one comma-separated string), ``keep_existing``,
     ``max_per_sid``, ``executor`` ("auto"/"local"/"ray"), ``pools`` ("auto"/"dataset"/"model"), ``batch_size``,
     ``actors_per_pool``, ``min_actors``, ``max_actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``actor_wait_s``,
-    ``address``, ``revision``, ``dataset_revision``, ``force``, ``upload_retries``. Contradictory options raise
-    :class:`~rqvae_ray.errors.OutputError`.
+    ``address``, ``revision``, ``dataset_revision``, ``force``, ``upload_retries``, ``retry_backoff_s``. Contradictory
+    options raise :class:`~rqvae_ray.errors.OutputError`.
     """
 
     def __init__(

@@ -160,6 +160,14 @@ def run(
         float, typer.Option(help="Fail if the cluster cannot hold a dataset's encoder actors within this many seconds.")
     ] = 600.0,
     upload_retries: Annotated[int, typer.Option(min=0, help="Retries of a failed upload commit.")] = 5,
+    retry_backoff_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds to wait before retrying a Hub call that failed transiently (429, 5xx, a dropped "
+            "connection), doubled at each retry; a longer Retry-After from the server is waited for instead.",
+        ),
+    ] = 1.0,
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
     ] = None,
@@ -220,6 +228,7 @@ def run(
                 actor_wait_s=actor_wait_s,
                 address=address,
                 upload_retries=upload_retries,
+                retry_backoff_s=retry_backoff_s,
             )
             exported = frozenset(e.value for e in options.output.exports)
             if warning := variable_length_warning(exported, options.output.fixed_length):

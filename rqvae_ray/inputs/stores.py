@@ -100,8 +100,11 @@ class LocalHub:
 class HfHub:
     """The Hugging Face Hub (or a server at ``HF_ENDPOINT``), through ``huggingface_hub`` and its cache."""
 
-    def __init__(self, revision: str | None = None, dataset_revision: str | None = None) -> None:
+    def __init__(
+        self, revision: str | None = None, dataset_revision: str | None = None, backoff_s: float = 1.0
+    ) -> None:
         self.revisions = {"model": revision, "dataset": dataset_revision}
+        self.backoff_s = backoff_s
 
     def _fetch(self, repo_id: str, repo_type: str, filename: str, call: Callable[[], str]) -> Path:
         """``call()``, a download of ``filename`` into the HF cache, with retries; failures become our errors."""
@@ -118,7 +121,7 @@ class HfHub:
         revision = self.revisions[repo_type]
         flag = "--revision" if repo_type == "model" else "--dataset-revision"
         try:
-            return Path(call_with_retries(call))
+            return Path(call_with_retries(call, backoff_s=self.backoff_s))
         except RepositoryNotFoundError:
             raise RepoNotFoundError(
                 f"{repo_type} repo {repo_id} not found on the Hub (or not visible with this token); check the ID",

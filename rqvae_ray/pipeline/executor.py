@@ -232,7 +232,7 @@ def run_dataset(
             committed = [r for r in ready if r.spec.model_id in done] + [a.model for a in loaded.as_is]
             progress.note(f"{repo}: uploading the files of {len(committed)} model(s) in one commit")
             message = commit_message(features, committed)
-            retries, backoff_s = options.upload_retries, options.upload_backoff_s
+            retries, backoff_s = options.upload_retries, options.retry_backoff_s
             if loaded.folder is None:  # the files are in the writer's temporary folder, wherever the writer runs
                 commit = stream.upload(message, retries, backoff_s)
             else:  # the output folder is on this node: the finished files and the up-to-date ones go together

@@ -110,7 +110,7 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
     if options.upload:
         from rqvae_ray.outputs.upload import check_writable
 
-        check_writable(repo, options.upload_retries, options.upload_backoff_s)
+        check_writable(repo, options.upload_retries, options.retry_backoff_s)
     features = load_features(options.hub.dataset_files(org, dataset))
     progress.note(f"{repo}: {features.num_pois} POIs x {features.dim} features (revision {features.revision})")
     folder = output_dir_of(options, repo)
@@ -286,7 +286,7 @@ def _repo_manifest(repo: str, options: RunOptions) -> Manifest:
 
     revision = options.hub.revisions["dataset"] if isinstance(options.hub, HfHub) else None
     folder = repo_folder(options.base_folder)
-    data = read_repo_file(repo, f"{folder}/{MANIFEST_FILE}", revision, options.upload_retries, options.upload_backoff_s)
+    data = read_repo_file(repo, f"{folder}/{MANIFEST_FILE}", revision, options.upload_retries, options.retry_backoff_s)
     return Manifest.parse(Path(folder), repo, data)
 
 

@@ -64,7 +64,8 @@ class RunOptions:
     address: str | None = None  # None: RAY_ADDRESS, else a private local Ray
     force: bool = False
     upload_retries: int = 5
-    upload_backoff_s: float = 1.0
+    # The first wait before retrying a Hub call that failed transiently (doubled at each retry).
+    retry_backoff_s: float = 1.0
     # Internal, not a command-line option: what builds the encoders (a benchmark swaps in a stand-in).
     encoder_factory: EncoderFactory = make_encoder
 
@@ -97,6 +98,7 @@ def make_options(
     actor_wait_s: float = 600.0,
     address: str | None = None,
     upload_retries: int = 5,
+    retry_backoff_s: float = 1.0,
 ) -> RunOptions:
     """The options of a run from the command line's or the API's keywords; contradictions raise
     :class:`~rqvae_ray.errors.OutputError` naming both options. ``upload`` None: upload when there is no
@@ -126,7 +128,7 @@ def make_options(
         max_per_sid=max_per_sid,
     )
     return RunOptions(
-        hub=HfHub(revision, dataset_revision) if hub_dir is None else LocalHub(hub_dir),
+        hub=HfHub(revision, dataset_revision, retry_backoff_s) if hub_dir is None else LocalHub(hub_dir),
         out_dir=None if out_dir is None else str(Path(out_dir).resolve()),
         upload=out_dir is None if upload is None else (upload or out_dir is None),
         base_folder=base_folder,
@@ -138,6 +140,7 @@ def make_options(
         address=address,
         force=force,
         upload_retries=upload_retries,
+        retry_backoff_s=retry_backoff_s,
     )
 
 
@@ -181,7 +184,7 @@ def check_setup(options: RunOptions) -> None:
         from rqvae_ray.outputs.upload import check_token, require_token
 
         require_token()
-        check_token(options.upload_retries, options.upload_backoff_s)
+        check_token(options.upload_retries, options.retry_backoff_s)
     if options.out_dir is not None:
         check_out_dir(options.out_dir)
 

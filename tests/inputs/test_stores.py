@@ -293,6 +293,12 @@ def test_transient_download_errors_are_retried(hf: HubServer, sleeps: list[float
     assert sleeps == [1.0, 2.0, 1.0]
 
 
+def test_download_retries_wait_the_backoff_they_are_given(hf: HubServer, sleeps: list[float]) -> None:
+    hf.inject("GET", CHECKPOINT_FILE, 503, times=3)
+    assert HfHub(backoff_s=0.25).checkpoint(MODEL)[0] == b"checkpoint-v1" * 100
+    assert sleeps == [0.25, 0.5, 1.0]
+
+
 def test_persistent_server_error_gives_up_after_the_retries(hf: HubServer, sleeps: list[float]) -> None:
     hf.inject("GET", CHECKPOINT_FILE, 503, times=50, headers={"X-Error-Message": "Service is overloaded"})
     with pytest.raises(NotCachedError) as excinfo:

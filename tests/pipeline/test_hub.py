@@ -146,7 +146,8 @@ def test_transient_download_and_upload_errors_are_retried(server, hub_env, tmp_p
     server.inject("GET", "rqvae_best.pt", 503, times=2)
     server.inject("POST", "/commit/", 503, times=2)
     server.inject("POST", "/commit/", 429, times=1)
-    proc = run_cli(MODELS[0], "--dataset", "nyc", env=hub_env)
+    # The retries' waits (1, 2, then 1, 2, 4 s by default) shortened: the statuses show the retries.
+    proc = run_cli(MODELS[0], "--dataset", "nyc", "--retry-backoff-s", "0.05", env=hub_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     statuses = [s for m, p, s in server.requests if m == "POST" and "/commit/" in p]
     assert statuses == [503, 503, 429, 200]

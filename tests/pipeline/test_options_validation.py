@@ -55,3 +55,14 @@ def test_a_bad_base_folder_is_a_usage_error_of_the_command_line(tmp_path, folder
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and f"--base-folder {folder!r}: " in lines[0], result.output
     assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_the_retry_backoff_reaches_downloads_and_uploads(tmp_path):
+    options = make_options(out_dir=tmp_path, retry_backoff_s=0.25)
+    assert options.retry_backoff_s == 0.25 and options.hub.backoff_s == 0.25
+    assert make_options(out_dir=tmp_path).hub.backoff_s == 1.0
+
+
+def test_a_negative_retry_backoff_is_a_usage_error_of_the_command_line(tmp_path):
+    result = CliRunner().invoke(app, ["--hub-dir", str(tmp_path), "--retry-backoff-s", "-1"])
+    assert result.exit_code == 2 and "--retry-backoff-s" in result.output, result.output
