@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -238,8 +237,6 @@ def run(
             console.error(str(exc))
             _finish(console, _Outcome(2, "setup error", invalid), summary_json)
         reports_to = report_dir or out_dir
-        if reports_to is not None:  # a PNG will be drawn
-            threading.Thread(target=_import_plotting, daemon=True).start()
         outcome = _execute(console, specs, invalid, options, progress, debug, summary_json)
         _report(console, outcome.results, reports_to)
         if console.log_path is not None:
@@ -395,12 +392,6 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(other, signal.SIG_IGN)
     _received.append(signum)
     raise StopSignal(signum)
-
-
-def _import_plotting() -> None:
-    """Import matplotlib while the run waits on Ray, rather than after it, when the quality report is drawn."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.figure  # noqa: F401
 
 
 def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:

@@ -61,6 +61,11 @@ class Executor(ABC):
     """Runs the datasets of a run: started from the main thread, then one :class:`DatasetStream` per dataset."""
 
     @abstractmethod
+    def prepare(self) -> None:
+        """What :meth:`start` needs that must not wait behind the datasets' loading (called from the main thread before
+        they load, when the executor is known by then)."""
+
+    @abstractmethod
     def start(self) -> None:
         """Get ready (called from the main thread, while the datasets load)."""
 
@@ -118,6 +123,9 @@ def run_datasets(
     and the interrupt propagates; published outputs stay.
     """
     groups = group_by_dataset(specs)
+    executor = pick(None)
+    if executor is not None:
+        executor.prepare()
     cancel = threading.Event()
     started: Future = Future()
     sizes = [Future() for _ in groups]
@@ -138,14 +146,13 @@ def run_datasets(
         )
         for index, (((org, dataset), group), size) in enumerate(zip(groups.items(), sizes, strict=True))
     ]
-    executor = None
     try:
         try:
-            executor = pick(None)
             if executor is None:
                 while wait(sizes, timeout=1.0).not_done:
                     pass
                 executor = pick(sum(size.result() for size in sizes))
+                executor.prepare()
             executor.start()
         except BaseException as exc:
             started.set_exception(exc)

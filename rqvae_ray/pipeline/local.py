@@ -42,6 +42,9 @@ class LocalExecutor(Executor):
         self.threads = threads or local_threads()
         self._blas: threadpool_limits | None = None
 
+    def prepare(self) -> None:
+        """Nothing: the work needs nothing that loading would slow down."""
+
     def start(self) -> None:
         """Nothing to start (the work runs in this process) but BLAS's limit of one thread per call."""
         # From the main thread: threadpoolctl lets one thread at a time set OpenBLAS's limits, and ignores the others.

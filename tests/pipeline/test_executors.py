@@ -149,3 +149,42 @@ def test_blas_runs_one_thread_while_datasets_stream_in_this_process_and_gets_its
         assert all(r.ok for r in results), [r.error for r in results]
         assert len(seen) >= 2 and all(threads == {1} for threads in seen), seen
         assert _blas_threads() == {2}
+
+
+@pytest.mark.parametrize("known_before_loading", [True, False])
+def test_the_executor_prepares_in_the_main_thread_before_any_dataset_loads_when_it_is_known(
+    demo_hub, tmp_path, monkeypatch, known_before_loading
+):
+    """An executor known from the options prepares (Ray: its import) before the loading threads start, whose imports
+    would slow it; one chosen by size prepares once the datasets have loaded, before it starts."""
+    import threading
+
+    from rqvae_ray.pipeline import executor as executor_module
+
+    events: list[str] = []
+    load = executor_module.load_dataset
+
+    def recorded_load(*args, **kwargs):
+        events.append("load")
+        return load(*args, **kwargs)
+
+    class Recorded(LocalExecutor):
+        def prepare(self) -> None:
+            assert threading.current_thread() is threading.main_thread()
+            events.append("prepare")
+
+        def start(self) -> None:
+            events.append("start")
+            super().start()
+
+    def pick(sid_rows: int | None) -> LocalExecutor | None:
+        return Recorded() if known_before_loading or sid_rows is not None else None
+
+    monkeypatch.setattr(executor_module, "load_dataset", recorded_load)
+    specs = parse_model_ids([DEFAULT_MODELS[0], DEFAULT_MODELS[5]])
+    results = run_datasets(specs, RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path)), Progress(), pick)
+    assert all(r.ok for r in results), [r.error for r in results]
+    if known_before_loading:  # the main thread starts the executor while the datasets load
+        assert events[0] == "prepare" and sorted(events[1:]) == ["load", "load", "start"], events
+    else:
+        assert events == ["load", "load", "prepare", "start"]
