@@ -3,6 +3,7 @@ the same command again."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -15,6 +16,8 @@ from tests.processes import descendants_running, kill_first
 
 
 def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, local_ray, tmp_path):
+    """...and the failed dataset's Ray Data execution ends with it: its encoder actors give their CPUs back (an
+    execution left running held them, and the next run's pools waited for them for ever)."""
     specs = parse_model_ids([DEFAULT_MODELS[6]])  # a TKY model
     options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path), executor=ExecutorMode.RAY, batch_size=16)
     killed: list[int] = []
@@ -33,9 +36,15 @@ def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, loca
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
+    gc.disable()  # the execution must end because the run ends it, not when a collection frees what held it
     try:
         (result,) = run_models(specs, options)
+        deadline = time.monotonic() + 60
+        while local_ray.available_resources().get("CPU", 0) < local_ray.cluster_resources()["CPU"]:
+            assert time.monotonic() < deadline, f"CPUs still held after the run: {local_ray.available_resources()}"
+            time.sleep(0.1)
     finally:
+        gc.enable()
         stop.set()
         thread.join(timeout=10)
     assert killed, "no writer actor process was found to kill"

@@ -61,6 +61,41 @@ def test_several_writers_per_dataset_write_the_same_bytes_and_one_manifest(
         )
 
 
+@pytest.mark.parametrize("several", [False, True])
+def test_a_private_ray_writes_in_the_driver_unless_a_dataset_needs_several_writers(
+    demo_hub, demo_run, local_ray, tmp_path, monkeypatch, several
+):
+    """On a Ray this run started itself, a dataset that one writer serves is written in the driver (no writer actor
+    to start); one planned for several writers still gets writer actors. The same bytes either way."""
+    import ray
+
+    from rqvae_ray.ray_backend import executor, writing
+    from rqvae_ray.ray_backend.cluster import ClusterShape
+    from rqvae_ray.ray_backend.writing import _start_writer
+
+    if several:
+        monkeypatch.setattr(plan, "SID_ROWS_PER_WRITER", 1)
+        monkeypatch.setattr(plan, "CPUS_PER_WRITER", 0.5)
+    # The shared test Ray, taken for one that this run started (private) with its 2 CPUs.
+    monkeypatch.setattr(executor, "start_ray", lambda _address: ClusterShape(2.0, 0.0, private=True, driver_cpus=2.0))
+    started: list = []
+    monkeypatch.setattr(writing, "_start_writer", lambda node=None: started.append(_start_writer(node)) or started[-1])
+    demo_out, _ = demo_run
+    specs = parse_model_ids([*DEFAULT_MODELS[0:2], *DEFAULT_MODELS[5:7]])  # two models per dataset
+    notes: list[str] = []
+    options = make_options(hub_dir=demo_hub, out_dir=tmp_path, executor="ray", batch_size=512)
+    results = run_models(specs, options, Progress(notes.append))
+    assert all(r.ok for r in results), [r.error for r in results]
+    in_driver = [note for note in notes if "written in this process" in note]
+    assert len(in_driver) == (0 if several else 2), notes
+    assert bool(started) is several  # writer actors only for several writers
+    for spec in specs:
+        name = codebooks_filename(spec.name, OutputFormat.CSV)
+        got, want = _demo_folder(tmp_path, spec.dataset) / name, _demo_folder(demo_out, spec.dataset) / name
+        assert got.read_bytes() == want.read_bytes(), name
+    assert ray.is_initialized()
+
+
 @pytest.fixture()
 def server(demo_hub, tmp_path, monkeypatch):
     """A stand-in Hub holding the NYC dataset repo, with this process's huggingface_hub pointed at it; files over
@@ -128,7 +163,7 @@ def test_files_preuploaded_by_another_process_go_in_one_commit(server, demo_run,
 def test_a_writer_pinned_to_a_node_that_is_gone_is_replaced(local_ray):
     """Upload-only writers are pinned to their nodes: one whose node left the cluster since the listing cannot start,
     and counts as a node without a token (a writer on the driver's node takes its models)."""
-    from rqvae_ray.ray_backend.executor import _start_writer, _token_there
+    from rqvae_ray.ray_backend.writing import _start_writer, _token_there
 
     gone = _start_writer("ab" * 28)
     assert _token_there(gone.token_here.remote()) is False
