@@ -65,7 +65,7 @@ class RayExecutor(Executor):
         return _RayStream(self.writers, self.cluster.now(), datasets, max(2, PENDING_WRITE_BYTES // self.block_bytes))
 
     def wait(self, futures: list[Future]) -> None:
-        wait_watching_cluster(futures)
+        wait_watching_cluster(futures, self.cluster.private)
 
     def close(self) -> None:
         self.writers.close()

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 import ray
 
+from rqvae_ray.errors import RayConnectionLost
 from rqvae_ray.ray_backend import cluster, compat
 
 # A process that ignores SIGTERM and would run for a minute: what a Ray worker slow to notice its raylet is gone looks
@@ -86,3 +88,16 @@ def test_the_autoscaler_monitor_is_killed_before_ray_shuts_down(monkeypatch):
 def test_the_local_rays_monitor_is_found(local_ray):
     (pid,) = compat.local_monitor_pids()
     assert "monitor.py" in " ".join(psutil.Process(pid).cmdline())
+
+
+@pytest.mark.parametrize(("private", "checks"), [(True, 1), (False, 3)])
+def test_a_gcs_that_refuses_connections_ends_the_wait_after_one_miss_when_private(monkeypatch, private, checks):
+    """A cluster's GCS may miss a check or two and come back; a private Ray's GCS, on loopback, is gone at once."""
+    from concurrent.futures import Future
+
+    monkeypatch.setattr(cluster, "_gcs_reachable", lambda _address: made.append(1) and False)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Context", (), {"gcs_address": "127.0.0.1:1"})())
+    made: list[int] = []
+    with pytest.raises(RayConnectionLost):
+        cluster.wait_watching_cluster([Future()], private, every_s=0.01)
+    assert len(made) == checks
