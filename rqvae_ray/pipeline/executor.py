@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from rqvae_ray.errors import Cancelled, RqvaeRayError, reason_of
+from rqvae_ray.errors import Cancelled, RayConnectionLost, RqvaeRayError, reason_of
 from rqvae_ray.inputs.model_ids import ModelSpec, group_by_dataset
 from rqvae_ray.outputs.targets import DatasetOutput, Published, Refused
 from rqvae_ray.outputs.writer import commit_dataset, repo_files
@@ -27,6 +27,9 @@ from rqvae_ray.pipeline.results import ModelResult
 
 # How long an interrupted run waits for its datasets to stop and drop their unfinished files.
 CANCEL_WAIT_S = 5.0
+# The same after the Ray cluster is lost: a dataset in a call to it never returns, and one that is working in this
+# process at that moment (publishing a file, say) needs far less.
+LOST_CLUSTER_WAIT_S = 1.0
 # Above this many SID rows (POIs to encode x models) ``auto`` starts a private Ray rather than working in this
 # process. Measured on a 2-core machine (``python -m benchmarks w2``, 2026-12-05): at 10 M SID rows this process is
 # still ahead in both formats (Parquet 111.1 s vs 138.6 s on Ray, CSV 132.9 s vs 207.1 s, with a third of the memory),
@@ -165,7 +168,8 @@ def run_datasets(
         progress.stopping()
         # Each dataset stops at its next block and drops its unfinished files; a dataset stuck in a call to the
         # executor (waiting for its first block, or a lost cluster) is not waited for long.
-        stuck = wait(futures, timeout=CANCEL_WAIT_S).not_done
+        waited_s = LOST_CLUSTER_WAIT_S if isinstance(exc, RayConnectionLost) else CANCEL_WAIT_S
+        stuck = wait(futures, timeout=waited_s).not_done
         if isinstance(exc, KeyboardInterrupt):  # the executor still answers: a stuck dataset's files are dropped here
             for index, stream in list(streams.items()):
                 if futures[index] in stuck:

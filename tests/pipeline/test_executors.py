@@ -188,3 +188,34 @@ def test_the_executor_prepares_in_the_main_thread_before_any_dataset_loads_when_
         assert events[0] == "prepare" and sorted(events[1:]) == ["load", "load", "start"], events
     else:
         assert events == ["load", "load", "prepare", "start"]
+
+
+@pytest.mark.parametrize("lost", [False, True])
+def test_a_lost_cluster_waits_less_for_its_datasets_than_an_interrupt(demo_hub, tmp_path, monkeypatch, lost):
+    """After Ctrl-C the datasets get a few seconds to stop at their next block; after a lost cluster, whose calls never
+    return, only a moment (for one working in this process)."""
+    from concurrent.futures import wait as real_wait
+
+    from rqvae_ray.errors import RayConnectionLost
+    from rqvae_ray.pipeline import executor as executor_module
+
+    error = RayConnectionLost("127.0.0.1:1") if lost else KeyboardInterrupt()
+
+    class Failing(LocalExecutor):
+        def wait(self, futures) -> None:
+            real_wait(futures)  # the datasets are done: the wait after the error returns at once, whatever its limit
+            raise error
+
+    timeouts: list[float | None] = []
+
+    def recorded_wait(futures, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        return real_wait(futures, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(executor_module, "wait", recorded_wait)
+    specs = parse_model_ids([DEFAULT_MODELS[0]])
+    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path))
+    with pytest.raises(type(error)):
+        run_datasets(specs, options, Progress(lambda _: None), lambda _rows: Failing())
+    assert timeouts[-1] == (executor_module.LOST_CLUSTER_WAIT_S if lost else executor_module.CANCEL_WAIT_S)
+    assert executor_module.LOST_CLUSTER_WAIT_S < executor_module.CANCEL_WAIT_S
