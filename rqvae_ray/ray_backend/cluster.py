@@ -22,6 +22,8 @@ BLOCK_BYTES = 4 << 20
 # Data lets a task hold only 2 output blocks the driver has not taken yet, and with 4 MiB blocks of text the encoder
 # actors stalled on that (the ceiling benchmark at 1 M POIs x 5 models: 94k -> 143k SID rows/s streamed).
 CSV_BLOCK_BYTES = 16 << 20
+# Checks in a row that a joined cluster's GCS may fail before the run counts the cluster as lost.
+CLUSTER_GCS_MISSES = 3
 # How long a private local Ray's processes have to end by themselves after ray.shutdown() before they are killed.
 RAY_EXIT_GRACE_S = 1.0
 
@@ -261,16 +263,16 @@ def _gcs_reachable(address: str) -> bool:
         return False
 
 
-def wait_watching_cluster(futures: list[Future], private: bool, every_s: float = 2.0, misses: int = 3) -> None:
+def wait_watching_cluster(futures: list[Future], private: bool, every_s: float = 2.0) -> None:
     """Wait for ``futures`` while checking that Ray's GCS still answers; raise :class:`RayConnectionLost` if not.
 
     Without this, a lost cluster leaves the driver blocked until Ray's own core worker kills it a minute later with
     a message of its own; here the run stops with one clear line instead. A cluster's GCS may miss a check or two
     (a network hiccup, a restart); a ``private`` Ray's, on loopback, that refuses a connection is gone: one miss.
     """
-    misses = 1 if private else misses
     import ray
 
+    misses = 1 if private else CLUSTER_GCS_MISSES
     address = ray.get_runtime_context().gcs_address
     missed = 0
     while wait(futures, timeout=every_s).not_done:
