@@ -9,6 +9,7 @@ the datasets load in worker threads.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -30,7 +31,7 @@ from rqvae_ray.ray_backend.cluster import (
     start_ray,
     wait_watching_cluster,
 )
-from rqvae_ray.ray_backend.plan import DatasetPlan, plan_dataset, plan_writers
+from rqvae_ray.ray_backend.plan import ENCODER_CPU_SHARE, DatasetPlan, plan_dataset, plan_writers, task_rows
 from rqvae_ray.ray_backend.writing import ActorWriting, DriverWriting, Writers
 from rqvae_ray.stages.encode import EncodeModels
 
@@ -103,7 +104,7 @@ class _RayStream(DatasetStream):
         reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, self.cluster)
         # Closed on the way out, error or not: an iterator of blocks left open (a failed dataset's error holds the
         # writing's frame) keeps Ray Data's execution and its encoder actors alive, and later pools wait for them.
-        with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options))) as blocks:
+        with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options, self.cluster))) as blocks:
             yield from self.writing.write(blocks)
 
     def finish(self) -> list[Published | Refused]:
@@ -117,15 +118,25 @@ class _RayStream(DatasetStream):
             self.writing.abort(keep_resume)
 
 
-def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions):
-    """The Ray Dataset of one plan: the POI rows from ``loaded.first_pid`` on in Pid order through the plan's pools
-    (chained one after another when there are several); each output block holds ``Pid`` and every model's columns."""
+def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluster: ClusterShape):
+    """The Ray Dataset of one plan: the POI rows from ``loaded.first_pid`` on in Pid order (cut into small blocks first
+    where :func:`~rqvae_ray.ray_backend.plan.task_rows` says so) through the plan's pools (chained one after another
+    when there are several); each output block holds ``Pid`` and every model's columns."""
     from ray.data import ActorPoolStrategy
 
     from rqvae_ray.ray_backend.datasource import poi_dataset
 
     features: PoiFeatures = loaded.features
-    ds = poi_dataset(features, max(options.batch_size, MIN_BLOCK_ROWS), loaded.first_pid)
+    block_rows = max(options.batch_size, MIN_BLOCK_ROWS)
+    cut = task_rows(bool(features.shards), options.output.fmt, block_rows)
+    if cut is None:
+        ds = poi_dataset(features, block_rows, loaded.first_pid)
+    else:
+        # Ray Data's repartition tasks take a CPU each (not settable); read tasks holding the CPUs the encoder actors
+        # leave would starve them (on 2 CPUs: a 20 s stall in every run), so the reads take none, a few at a time.
+        reads = max(1, math.floor(cluster.driver_cpus * (1 - ENCODER_CPU_SHARE)))
+        ds = poi_dataset(features, block_rows, loaded.first_pid, cpu_free_reads=reads)
+        ds = ds.repartition(target_num_rows_per_block=cut)
     for number, pool in enumerate(plan.pools):
         ds = ds.map_batches(
             EncodeModels,

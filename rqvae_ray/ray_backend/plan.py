@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rqvae_ray.core.contract import OutputFormat
+from rqvae_ray.inputs.blocks import MEMORY_BLOCKS_PER_PIECE
 from rqvae_ray.pipeline.options import PoolMode, PoolSizing
 from rqvae_ray.ray_backend.cluster import ClusterShape
 
@@ -112,6 +114,21 @@ def _actors(sizing: PoolSizing, sid_rows: int, use_gpus: bool, cluster: ClusterS
         wanted = math.ceil(sid_rows / SID_ROWS_PER_ACTOR)
     count = max(1, min(share, wanted))
     return count, count
+
+
+def task_rows(shards: bool, fmt: OutputFormat, block_rows: int) -> int | None:
+    """The POIs of each input block of an encoder task when the read blocks must be cut first; None when they need not.
+
+    An actor pool's task is one input block, and Ray Data gathers a read task's blocks into blocks of up to its block
+    size of *input*. CSV's blocks (16 MiB, about one batch's CSV) then hold ~229k POIs of a Parquet shard, each ~56
+    blocks of CSV out; with rows kept in order, one actor's finished blocks wait for the other actor's task, Ray Data's
+    share of the store fills, and both actors sit idle (1 M POIs: 8 tasks, the machine ~70 % idle for seconds). Cut
+    into blocks of a few batches, as in-memory rows already are (a read piece holds that many), tasks stay small.
+    Parquet output (4 MiB blocks, ~6x the input) keeps its read blocks: cutting them cost it ~1 s and gained nothing.
+    """
+    if shards and fmt is OutputFormat.CSV:
+        return block_rows * MEMORY_BLOCKS_PER_PIECE
+    return None
 
 
 # The CPUs that one writer actor keeps busy at full speed (formatting is done by the encoders; it hashes, writes and

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from rqvae_ray.core.contract import OutputFormat, OutputSpec
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_id, parse_model_ids
 from rqvae_ray.inputs.stores import LocalHub
 from rqvae_ray.pipeline.options import ExecutorMode, PoolMode, PoolSizing, RunOptions
@@ -186,3 +187,28 @@ def test_parquet_shards_give_the_same_bytes_as_the_pt_file(demo_run, demo_hub, l
     results = run_models([spec], options, Quiet())
     assert results[0].ok, results[0].error
     assert output_path(tmp_path / "out", spec).read_bytes() == output_path(out, spec).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.CSV, OutputFormat.PARQUET])
+def test_parquet_shards_written_as_csv_reach_the_pool_in_blocks_of_a_few_batches(demo_hub, local_ray, tmp_path, fmt):
+    """Ray Data would hand the pool each shard's rows in blocks of up to its block size of input (a few hundred thousand
+    POIs with CSV's blocks); CSV output gets them cut into blocks of a few batches first, Parquet output keeps them."""
+    from rqvae_ray.pipeline.jobs import load_dataset
+    from rqvae_ray.ray_backend.cluster import ClusterShape, configure_data_context
+    from rqvae_ray.ray_backend.executor import build_dataset
+    from rqvae_ray.ray_backend.plan import plan_dataset, task_rows
+
+    spec = _parquet_hub(demo_hub, tmp_path / "hub", dense=False)
+    output = OutputSpec(fmt=fmt)
+    options = RunOptions(hub=LocalHub(tmp_path / "hub"), out_dir=str(tmp_path / "out"), batch_size=500, output=output)
+    loaded = load_dataset(spec.dataset_repo, [spec], options, Quiet())
+    cluster = ClusterShape.current()
+    configure_data_context()
+    plan = plan_dataset([r.weights.nbytes for r in loaded.ready], loaded.features.num_pois, options.pools, cluster, 1)
+    shown = repr(build_dataset(loaded, plan, options, cluster))
+    cut = task_rows(True, fmt, 500)
+    if fmt is OutputFormat.CSV:
+        assert cut == 2000 and f"StreamingRepartition[num_rows_per_block={cut}," in shown, shown
+    else:
+        assert cut is None and "Repartition" not in shown, shown
+    assert task_rows(False, OutputFormat.CSV, 500) is None  # in-memory rows are read in pieces of a few batches
