@@ -15,15 +15,21 @@ def read_task(read: Callable[[], Iterator], rows: int, per_task_row_limit: int |
     return ReadTask(read, meta, per_task_row_limit=per_task_row_limit)
 
 
-def read_on_this_node(source, blocks: int, this_node_only: bool, cpu_free: int | None = None):
+def read_on_this_node(source, blocks: int, this_node_only: bool, reads_without_cpu: int | None = None):
     """``read_datasource`` with exactly ``blocks`` blocks, its tasks pinned to the driver's node when
     ``this_node_only`` (label selectors, and the ``ray.io/node-id`` label every node carries: Ray 2.50+); with
-    ``cpu_free``, tasks that reserve no CPU, at most that many at once."""
+    ``reads_without_cpu``, tasks that reserve no CPU, at most that many at once."""
     import ray
 
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if this_node_only else None
-    limits = {} if cpu_free is None else {"num_cpus": 0, "concurrency": cpu_free}
+    limits = {} if reads_without_cpu is None else {"num_cpus": 0, "concurrency": reads_without_cpu}
     return ray.data.read_datasource(source, label_selector=here, override_num_blocks=blocks, **limits)
+
+
+def cut_blocks(ds, rows: int):
+    """``ds`` with its blocks cut (or joined) into blocks of ``rows`` rows, in order: Ray Data's streaming repartition
+    (``Dataset.repartition(target_num_rows_per_block=...)``, experimental in Ray 2.60; its tasks take a CPU each)."""
+    return ds.repartition(target_num_rows_per_block=rows)
 
 
 def block_refs(ds) -> Iterator[tuple[object, tuple[int, int] | None]]:

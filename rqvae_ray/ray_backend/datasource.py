@@ -16,13 +16,13 @@ from rqvae_ray.inputs.features import PoiFeatures
 from rqvae_ray.ray_backend import compat
 
 
-def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1, cpu_free_reads: int | None = None):
+def poi_dataset(features: PoiFeatures, block_rows: int, start_pid: int = 1, reads_without_cpu: int | None = None):
     """A Ray Dataset of the rows of Pids ``start_pid``..N in order, in blocks of ``block_rows`` POIs; with
-    ``cpu_free_reads``, read tasks that reserve no CPU, at most that many at once."""
+    ``reads_without_cpu``, read tasks that reserve no CPU, at most that many at once."""
     source = _PoiSource(pieces(features, block_rows, start_pid))
     # As many blocks as read tasks: each task already yields batch-size blocks, which Ray Data would otherwise split
     # again to reach its default of 200 blocks (tiny blocks, each a task, a transfer and a write).
-    return compat.read_on_this_node(source, len(source.pieces), bool(features.shards), cpu_free_reads)
+    return compat.read_on_this_node(source, len(source.pieces), bool(features.shards), reads_without_cpu)
 
 
 class _PoiSource(Datasource):

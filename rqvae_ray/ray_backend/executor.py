@@ -135,8 +135,7 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluste
         # Ray Data's repartition tasks take a CPU each (not settable); read tasks holding the CPUs the encoder actors
         # leave would starve them (on 2 CPUs: a 20 s stall in every run), so the reads take none, a few at a time.
         reads = max(1, math.floor(cluster.driver_cpus * (1 - ENCODER_CPU_SHARE)))
-        ds = poi_dataset(features, block_rows, loaded.first_pid, cpu_free_reads=reads)
-        ds = ds.repartition(target_num_rows_per_block=cut)
+        ds = compat.cut_blocks(poi_dataset(features, block_rows, loaded.first_pid, reads_without_cpu=reads), cut)
     for number, pool in enumerate(plan.pools):
         ds = ds.map_batches(
             EncodeModels,
