@@ -3,8 +3,9 @@
 exactly ``block_rows`` POIs in Pid order.
 
 The driver already knows every shard's rows (it checked their Pids), so the read tasks come with their metadata and
-yield blocks of the batch size themselves: no file listing or footer reading by Ray Data, and no repartition step.
-Parquet is read by tasks pinned to the driver's node, where the files are.
+yield blocks of the batch size themselves: no file listing or footer reading by Ray Data, and no repartition step but
+the one :func:`~rqvae_ray.ray_backend.plan.task_rows` asks for. Parquet is read on the driver's node, where the files
+are, by tasks that reserve no CPU (see :func:`~rqvae_ray.ray_backend.executor.build_dataset`).
 """
 
 from __future__ import annotations

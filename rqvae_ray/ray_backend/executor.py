@@ -128,14 +128,15 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluste
 
     features: PoiFeatures = loaded.features
     block_rows = max(options.batch_size, MIN_BLOCK_ROWS)
+    # Parquet shards are read on the driver's node, where a read task asking for a CPU may never get one (a large
+    # cluster's head often has none: Ray advises --num-cpus=0 there; and Ray Data's repartition tasks, a CPU each, and
+    # the reads starved each other where the encoder actors hold the rest: a 20 s stall on 2 CPUs), so the reads
+    # reserve none, a few at a time.
+    reads = max(1, math.floor(cluster.driver_cpus * (1 - ENCODER_CPU_SHARE))) if features.shards else None
+    ds = poi_dataset(features, block_rows, loaded.first_pid, reads_without_cpu=reads)
     cut = task_rows(bool(features.shards), options.output.fmt, block_rows)
-    if cut is None:
-        ds = poi_dataset(features, block_rows, loaded.first_pid)
-    else:
-        # Ray Data's repartition tasks take a CPU each (not settable); read tasks holding the CPUs the encoder actors
-        # leave would starve them (on 2 CPUs: a 20 s stall in every run), so the reads take none, a few at a time.
-        reads = max(1, math.floor(cluster.driver_cpus * (1 - ENCODER_CPU_SHARE)))
-        ds = compat.cut_blocks(poi_dataset(features, block_rows, loaded.first_pid, reads_without_cpu=reads), cut)
+    if cut is not None:
+        ds = compat.cut_blocks(ds, cut)
     for number, pool in enumerate(plan.pools):
         ds = ds.map_batches(
             EncodeModels,

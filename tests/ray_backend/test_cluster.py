@@ -22,9 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
+from rqvae_ray.outputs.layout import codebooks_filename
+from rqvae_ray.outputs.readers import iter_codebooks
 from tests.conftest import REPO, own_ray_lock, run_cli
 from tests.hub_server import HubServer
 from tests.writing import csv_name
@@ -254,6 +258,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from rqvae_ray.core.contract import OutputFormat, OutputSpec
 from rqvae_ray.inputs.model_ids import parse_model_ids
 from rqvae_ray.pipeline.options import RunOptions
 from rqvae_ray.runner import run_models
@@ -269,12 +274,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
-hub, hub_copy, out, model_ids = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+hub, hub_copy, sharded, out, sharded_out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:6]
+model_ids = sys.argv[6:]
 node = {"node_ip_address": "127.0.0.1", "object_store_memory": 150 * 1024**2}
 cluster = Cluster(
     initialize_head=True,
     head_node_args={
-        "num_cpus": 1,
+        "num_cpus": 0,  # as Ray advises for a large cluster's head: nothing asking for a CPU runs beside the driver
         "num_gpus": 0,
         "include_dashboard": True,  # the state API (list_actors) is served by the dashboard
         "dashboard_host": "127.0.0.1",
@@ -285,7 +291,7 @@ cluster = Cluster(
 )
 # Fake GPUs: Ray schedules on the declared count; there is no CUDA behind them.
 workers = [cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port(), **node) for _ in range(2)]
-cpu_worker = cluster.add_node(num_cpus=1, num_gpus=0, dashboard_agent_listen_port=free_port(), **node)
+cpu_worker = cluster.add_node(num_cpus=2, num_gpus=0, dashboard_agent_listen_port=free_port(), **node)
 try:
     cluster.wait_for_nodes(timeout=60)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -323,10 +329,18 @@ try:
     upload = RunOptions(hub=LocalHub(hub_copy), upload=True, pools=sizing, batch_size=1024, upload_retries=0)
     uploaded = run_models(parse_model_ids(model_ids), upload, Recorder())
     known = {a.actor_id for a in first_run}
+    upload_writers = [a.node_id for a in actors() if a.class_name == "WriterActor" and a.actor_id not in known]
+    # Parquet shards are read on the driver's node, which has no CPU here.
+    as_parquet = OutputSpec(fmt=OutputFormat.PARQUET)
+    from_shards = RunOptions(
+        hub=LocalHub(sharded), out_dir=sharded_out, pools=sizing, batch_size=1024, output=as_parquet
+    )
+    sharded_results = run_models(parse_model_ids(model_ids[:1]), from_shards, Recorder())
     report = {
         "results": [{"model_id": r.model_id, "ok": r.ok, "error": r.error} for r in results],
         "uploaded": [{"model_id": r.model_id, "ok": r.ok, "error": r.error, "commit": r.commit} for r in uploaded],
-        "upload_writers": [a.node_id for a in actors() if a.class_name == "WriterActor" and a.actor_id not in known],
+        "sharded": [{"model_id": r.model_id, "ok": r.ok, "error": r.error} for r in sharded_results],
+        "upload_writers": upload_writers,
         "events": events,
         "address": cluster.address,
         "driver_node": ray.get_runtime_context().get_node_id(),
@@ -344,6 +358,28 @@ finally:
 """
 
 
+def _sharded_copy(hub: Path, into: Path, model_id: str) -> Path:
+    """``hub``'s NYC dataset with its features as two Parquet shards of sparse rows, and the model ``model_id``."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rqvae_ray.core.encoder import SparseRows
+    from rqvae_ray.core.rows import sparse_table
+
+    spec = parse_model_ids([model_id])[0]
+    shutil.copytree(hub / "models" / spec.org / spec.name, into / "models" / spec.org / spec.name)
+    src, dst = hub / "datasets" / "comp5331poi" / "nyc", into / "datasets" / "comp5331poi" / "nyc"
+    shutil.copytree(src / "Intermediate Files", dst / "Intermediate Files")
+    (dst / "RQVAE Dataset" / "poi_features").mkdir(parents=True)
+    shutil.copy(src / "RQVAE Dataset" / "metadata.json", dst / "RQVAE Dataset" / "metadata.json")
+    features = torch.load(src / "RQVAE Dataset" / "poi_features.pt", weights_only=True).numpy()
+    half = len(features) // 2
+    for part, (first, last) in enumerate([(0, half), (half, len(features))]):
+        shard = sparse_table(SparseRows.from_dense(features[first:last]), first_pid=first + 1)
+        pq.write_table(shard, dst / "RQVAE Dataset" / "poi_features" / f"part-{part:05d}.parquet")
+    return into
+
+
 @pytest.mark.timeout(600, method="signal")
 def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, demo_hub, tmp_path, own_ray):
     demo_out, _ = demo_run
@@ -356,7 +392,8 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
         shutil.copytree(demo_hub / "models" / spec.org / spec.name, hub / "models" / spec.org / spec.name)
     hub_copy = tmp_path / "hub_copy"
     shutil.copytree(hub, hub_copy)
-    out = tmp_path / "out"
+    sharded = _sharded_copy(hub, tmp_path / "sharded", models[0])
+    out, sharded_out = tmp_path / "out", tmp_path / "sharded_out"
     script = tmp_path / "cluster_run.py"
     script.write_text(CLUSTER_SCRIPT)
     temp_dir = short_temp_dir()
@@ -373,7 +410,7 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
         with server:
             env["HF_ENDPOINT"] = server.url
             proc = subprocess.run(
-                [sys.executable, str(script), str(hub), str(hub_copy), str(out), *models],
+                [sys.executable, str(script), *map(str, (hub, hub_copy, sharded, out, sharded_out)), *models],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -420,6 +457,14 @@ def test_pools_spread_over_fake_gpu_nodes_and_never_read_driver_paths(demo_run, 
         assert (stored / csv_name(parse_model_ids([model_id])[0])).read_bytes() == output_csv(
             demo_out, model_id
         ).read_bytes()
+
+    # Parquet shards read on a driver's node without CPUs (Ray's advice for a large cluster's head): the same rows.
+    assert all(r["ok"] for r in report["sharded"]), report["sharded"]
+    spec = parse_model_ids(models[:1])[0]
+    parquet = sharded_out / output_csv(sharded_out, models[0]).relative_to(sharded_out).parent
+    parquet /= codebooks_filename(spec.name, OutputFormat.PARQUET)
+    rows = pa.Table.from_batches(list(iter_codebooks(parquet)))
+    assert rows.equals(pa.Table.from_batches(list(iter_codebooks(output_csv(demo_out, models[0])))))
     print(f"simulated cluster: {seconds:.1f} s")
 
 
