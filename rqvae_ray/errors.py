@@ -229,15 +229,18 @@ class WriterDied(RqvaeRayError):
 
 def reason_of(error: BaseException) -> str:
     """The one-line reason of a failure, found by class along Ray's wrapping (a ``RayTaskError``'s ``cause``,
-    Python's ``__cause__`` and ``__context__``): the first of our own errors, else the innermost error's type and
-    first line (never Ray's retry advice or traceback)."""
+    Python's ``__cause__`` and ``__context__``): the first of our own errors, else the type and first line of the
+    innermost error that says something (never Ray's retry advice or traceback; Ray wraps some errors around a
+    ``SystemException`` without a message, and the wrapper says what happened), else the innermost error's type."""
     chain = error_chain(error)
     for current in chain:
         if isinstance(current, RqvaeRayError) and getattr(current, "cause", None) is None:
             return current.message
-    inner = chain[-1]
-    lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
-    return f"{type(inner).__name__}: {lines[0][:300]}" if lines else type(inner).__name__
+    for current in reversed(chain):
+        lines = [line.strip() for line in str(current).strip().splitlines() if line.strip()]
+        if lines:
+            return f"{type(current).__name__}: {lines[0][:300]}"
+    return type(chain[-1]).__name__
 
 
 def error_chain(error: BaseException) -> list[BaseException]:

@@ -75,6 +75,21 @@ def test_reason_of_foreign_error_is_its_innermost_type_and_first_line():
     assert errors.reason_of(ValueError("")) == "ValueError"
 
 
+def test_reason_of_an_error_around_one_without_a_message_is_the_wrappers():
+    """Ray raises some errors (an unschedulable task) from a ``SystemException`` that says nothing."""
+
+    class SystemException(Exception):
+        pass
+
+    try:
+        try:
+            raise SystemException()
+        except SystemException as exc:
+            raise RuntimeError("The task is not schedulable: the node is infeasible\nlease_id=...") from exc
+    except RuntimeError as exc:
+        assert errors.reason_of(_Wrapper(exc)) == "RuntimeError: The task is not schedulable: the node is infeasible"
+
+
 def test_the_reason_survives_advice_appended_to_args():
     error = errors.DatasetError("o/d", "features contain NaN or Inf (first at Pid 42); fix the feature files")
     error.args = (error.args[0] + "\nFailed to apply UDF transform after 1/1 attempts.\nTo change retry attempts ...",)
