@@ -3,8 +3,8 @@
 For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in this process, one thread each:
 
 * product encode: ``rqvae_ray.core.encoder.Encoder.encode`` (float64, batch-invariant);
-* product CSV formatting: every row (``csv_parts``) and with the per-SID cache (``SidText``); product Arrow
-  columns: ``arrow_columns``;
+* product CSV formatting: every row (``csv_parts``) and with the per-SID cache of whole lines (``SidLines``);
+  product Arrow columns: ``arrow_columns``;
 * baseline encode: densify + torch float32 encoder and quantizer (``benchmarks.baseline``);
 * Parquet read of the shards (``indices``) and the product's ``rows_from_table``.
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.generate import FEATURES_DIR, NYC_MODELS
     from rqvae_ray.core.checkpoint import load_checkpoint_file
     from rqvae_ray.core.encoder import Encoder
-    from rqvae_ray.core.formatting import SidText, arrow_columns, csv_lines, string_bytes
+    from rqvae_ray.core.formatting import SidLines, arrow_columns, string_bytes
     from rqvae_ray.core.rows import rows_from_table
     from rqvae_ray.core.sid_stats import pack_codes
 
@@ -80,14 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         lambda: [product_csv_bytes(p, c, v) for p, (c, v) in zip(pids, results, strict=True)],
     )
-    text = SidText(encoder.vectors, tokens=False)
+    text = SidLines(encoder.vectors, tokens=False)
     sizes = encoder.weights.codebook_sizes
     _timed(
-        "product CSV formatting (SidText cache + csv_lines)",
+        "product CSV formatting (SidLines cache)",
         rows,
         lambda: [
-            string_bytes(csv_lines(text.csv_parts(p, c, pack_codes(c, sizes))))
-            for p, (c, _) in zip(pids, results, strict=True)
+            string_bytes(text.csv_lines(p, c, pack_codes(c, sizes))) for p, (c, _) in zip(pids, results, strict=True)
         ],
     )
     _timed(

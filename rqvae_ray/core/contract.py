@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from rqvae_ray.core.checkpoint import ModelWeights
 from rqvae_ray.core.choices import parse_choices
-from rqvae_ray.core.formatting import SidText, csv_lines, csv_parts, sid_tokens
+from rqvae_ray.core.formatting import SidLines, SidParts, csv_lines, csv_parts, sid_tokens
 from rqvae_ray.core.presets import CONVENTIONS, Preset, PresetFile
 from rqvae_ray.core.sid_stats import sid_array, sid_layout
 from rqvae_ray.errors import OutputError
@@ -161,30 +161,43 @@ class StageModel:
 
 
 class RowText:
-    """CSV text formatted row by row, for SIDs too wide for :class:`SidText`'s int64 keys (most are distinct)."""
+    """CSV text formatted row by row, for SIDs too wide for the per-SID caches' int64 keys (most are distinct)."""
 
     def __init__(self, vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool) -> None:
         self._vectors_of = vectors_of
         self.tokens = tokens
 
     def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
-        """The same pieces as :meth:`SidText.csv_parts`."""
+        """The same pieces as :meth:`SidParts.csv_parts`."""
         return csv_parts(pids, codes, self._vectors_of(codes), self.tokens)
 
+    def csv_lines(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> pa.Array:
+        """The same lines as :meth:`SidLines.csv_lines`."""
+        return csv_lines(self.csv_parts(pids, codes, packed))
 
-def csv_text(vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool, sizes: tuple[int, ...]) -> SidText | RowText:
-    """A model's CSV text maker: the per-SID cache when one int64 holds its packed SIDs, else row by row."""
-    return RowText(vectors_of, tokens) if sid_layout(sizes).wide else SidText(vectors_of, tokens)
+
+CsvText = SidParts | SidLines | RowText
+
+
+def csv_text(
+    vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool, sizes: tuple[int, ...], lines: bool
+) -> CsvText:
+    """A model's CSV text maker: whole ``lines``, or the parts around the dedup code; through the per-SID cache when
+    one int64 holds its packed SIDs, else row by row."""
+    if sid_layout(sizes).wide:
+        return RowText(vectors_of, tokens)
+    return SidLines(vectors_of, tokens) if lines else SidParts(vectors_of, tokens)
 
 
 def encoded_columns(
-    pids: np.ndarray, codes: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: SidText | RowText | None
+    pids: np.ndarray, codes: np.ndarray, packed: np.ndarray, spec: OutputSpec, text: CsvText | None
 ) -> EncodedColumns:
-    """A model's output columns for rows of known codes and packed SIDs (``text``: its :func:`csv_text`, for CSV)."""
+    """A model's output columns for rows of known codes and packed SIDs (``text``: its :func:`csv_text`, for CSV,
+    made with ``lines=not spec.text_parts``)."""
     sid = sid_array(packed)
     if text is not None:
-        parts = text.csv_parts(pids, codes, packed)
         if spec.text_parts:  # the writer adds the dedup codes once every SID is counted
+            parts = text.csv_parts(pids, codes, packed)
             return EncodedColumns(sid, head=parts["head"], tail=parts["tail"], tokens=parts.get("tokens"))
-        return EncodedColumns(sid, lines=csv_lines(parts))
+        return EncodedColumns(sid, lines=text.csv_lines(pids, codes, packed))
     return EncodedColumns(sid, tokens=sid_tokens(codes) if spec.sid_tokens else None)

@@ -86,60 +86,163 @@ def _tokens_field(codes: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(",", sid_tokens(codes), "")
 
 
-class SidText:
-    """The text of the parts of a CSV line that depend on the SID alone, formatted once per distinct SID.
+class _GrowingStrings:
+    """A string column that grows in place: appending copies the new values' bytes only (the buffers double when
+    full), and earlier values never move, so arrays made from it before stay valid."""
+
+    def __init__(self) -> None:
+        self._data = np.empty(1 << 16, dtype=np.uint8)
+        self._offsets = np.zeros(1 << 10, dtype=np.int32)
+        self._len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._offsets[self._len])
+
+    def append(self, values: pa.Array) -> None:
+        offsets = _string_offsets(values)
+        start, added = int(offsets[0]), int(offsets[-1] - offsets[0])
+        end, count = self.nbytes, len(values)
+        if end + added > len(self._data):
+            self._data = _grown(self._data, end + added)
+        if self._len + count + 1 > len(self._offsets):
+            self._offsets = _grown(self._offsets, self._len + count + 1)
+        if added:
+            self._data[end : end + added] = np.frombuffer(values.buffers()[2], dtype=np.uint8)[start : start + added]
+        self._offsets[self._len + 1 : self._len + count + 1] = offsets[1:] - start + end
+        self._len += count
+
+    def array(self) -> pa.Array:
+        offsets = pa.py_buffer(self._offsets[: self._len + 1])
+        return pa.StringArray.from_buffers(self._len, offsets, pa.py_buffer(self._data[: self.nbytes]))
+
+
+def _grown(buffer: np.ndarray, needed: int) -> np.ndarray:
+    """A copy of ``buffer`` with room for at least ``needed`` items (twice as many)."""
+    grown = np.empty(max(needed, 2 * len(buffer)), dtype=buffer.dtype)
+    grown[: len(buffer)] = buffer
+    return grown
+
+
+def _string_offsets(values: pa.Array) -> np.ndarray:
+    """The ``len + 1`` offsets of a string array into its values buffer."""
+    if len(values) == 0:
+        return np.zeros(1, dtype=np.int64)
+    if values.type == pa.large_string():
+        offset_type = np.int64
+    elif values.type == pa.string():
+        offset_type = np.int32
+    else:
+        raise TypeError(f"expected a string array, got {values.type}")
+    return np.frombuffer(values.buffers()[1], dtype=offset_type)[values.offset : values.offset + len(values) + 1]
+
+
+class _SidColumns:
+    """Text columns that depend on the SID alone, formatted once per distinct SID (:meth:`_format`).
 
     A POI's Codebook, Vector (the sum of its codewords) and SID tokens are functions of its codes, and far fewer
     SIDs exist than POIs (at most 32**3 for NYC), so each distinct SID is formatted once and later batches only look
-    it up. The result is byte-identical to :func:`csv_parts`. Memory is bounded: the cache starts afresh whenever it
-    would pass ``max_entries`` SIDs.
+    it up: a vectorized search and an Arrow take, so the per-row cost stays out of Python. Memory is bounded: the
+    cache starts afresh whenever it would pass ``max_entries`` SIDs (or 1 GiB of text).
     """
+
+    MAX_BYTES = 1 << 30
 
     def __init__(self, vectors_of: Callable[[np.ndarray], np.ndarray], tokens: bool, max_entries: int = 1 << 16):
         self._vectors_of = vectors_of
         self.tokens = tokens
         self.max_entries = max_entries
-        # Known packed SIDs in ascending order, and the row of each in the text columns. Lookups are a vectorized
-        # search and an Arrow take, so the per-row cost stays out of Python.
-        self._keys = np.empty(0, dtype=np.int64)
-        self._rows = np.empty(0, dtype=np.int64)
-        self._columns = self._no_columns()
+        self._forget()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _no_columns(self) -> list[pa.Array]:
-        """Empty text columns: codes, tail[, tokens]."""
-        return [pa.array([], type=pa.string())] * (3 if self.tokens else 2)
+    def _format(self, codes: np.ndarray) -> list[pa.Array]:
+        """The cached columns of SIDs given by their codes."""
+        raise NotImplementedError
+
+    def _pieces(self, codes: np.ndarray) -> list[pa.Array]:
+        """The codes text, the tail and (when asked) the tokens field of SIDs given by their codes."""
+        pieces = [_codes_text(codes), _tail(self._vectors_of(codes))]
+        return pieces + [_tokens_field(codes)] if self.tokens else pieces
+
+    def _forget(self) -> None:
+        # Known packed SIDs in ascending order, and the row of each in the columns (in the order they were learnt).
+        self._keys = np.empty(0, dtype=np.int64)
+        self._rows = np.empty(0, dtype=np.int64)
+        self._columns: list[_GrowingStrings] = []
+
+    def _lookup(self, codes: np.ndarray, packed: np.ndarray) -> list[pa.Array]:
+        """The cached columns of each row (``packed``: one int64 per row that identifies its SID)."""
+        if not len(packed):
+            return self._format(codes)
+        found, places = self._find(packed)
+        if not found.all():
+            self._learn(codes, packed, found)
+            found, places = self._find(packed)
+        rows = pa.array(self._rows[places])
+        return [column.array().take(rows) for column in self._columns]
+
+    def _find(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows' SIDs are known, and the place of each row's SID among the keys (where it is known)."""
+        if not len(self._keys):
+            return np.zeros(len(packed), dtype=bool), np.zeros(len(packed), dtype=np.int64)
+        places = np.minimum(np.searchsorted(self._keys, packed), len(self._keys) - 1)
+        return self._keys[places] == packed, places
+
+    def _learn(self, codes: np.ndarray, packed: np.ndarray, found: np.ndarray) -> None:
+        unique, first = np.unique(packed[~found], return_index=True)
+        columns = self._format(codes[np.flatnonzero(~found)[first]])
+        added = sum(_text_bytes(column) for column in columns)
+        full = len(self._keys) + len(unique) > self.max_entries
+        if full or max((column.nbytes for column in self._columns), default=0) + added > self.MAX_BYTES:
+            self._forget()
+            if found.any():  # the block's other SIDs are forgotten too
+                self._learn(codes, packed, np.zeros(len(packed), dtype=bool))
+                return
+        if not self._columns:
+            self._columns = [_GrowingStrings() for _ in columns]
+        start = len(self._keys)
+        places = np.searchsorted(self._keys, unique)  # a merge: the keys stay sorted without sorting them again
+        self._keys = np.insert(self._keys, places, unique)
+        self._rows = np.insert(self._rows, places, np.arange(start, start + len(unique), dtype=np.int64))
+        for column, values in zip(self._columns, columns, strict=True):
+            column.append(values)
+
+
+class SidParts(_SidColumns):
+    """:func:`csv_parts` (the pieces around the place of a dedup code) through the per-SID cache: the same bytes."""
+
+    def _format(self, codes: np.ndarray) -> list[pa.Array]:
+        return self._pieces(codes)
 
     def csv_parts(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> dict[str, pa.Array]:
         """The same pieces as :func:`csv_parts`; ``packed`` is one int64 per row that identifies its SID."""
-        self._learn(codes, packed)
-        rows = pa.array(self._rows[np.searchsorted(self._keys, packed)])
-        codes_text, tail, *tokens = (column.take(rows) for column in self._columns)
+        codes_text, tail, *tokens = self._lookup(codes, packed)
         parts = {"head": _head(pids, codes_text), "tail": tail}
         if self.tokens:
             parts["tokens"] = tokens[0]
         return parts
 
-    def _learn(self, codes: np.ndarray, packed: np.ndarray) -> None:
-        unique, first = np.unique(packed, return_index=True)
-        new = ~np.isin(unique, self._keys, assume_unique=True)
-        if not new.any():
-            return
-        if len(self._keys) + int(new.sum()) > self.max_entries:
-            self._keys, self._rows, self._columns = self._keys[:0], self._rows[:0], self._no_columns()
-            new[:] = True
-        fresh = codes[first[new]]
-        columns = [_codes_text(fresh), _tail(self._vectors_of(fresh))]
-        if self.tokens:
-            columns.append(_tokens_field(fresh))
-        start = len(self._keys)
-        keys = np.concatenate([self._keys, unique[new]])
-        rows = np.concatenate([self._rows, np.arange(start, start + len(fresh), dtype=np.int64)])
-        order = np.argsort(keys, kind="stable")
-        self._keys, self._rows = keys[order], rows[order]
-        self._columns = [pa.concat_arrays([old, added]) for old, added in zip(self._columns, columns, strict=True)]
+
+class SidLines(_SidColumns):
+    """Whole CSV lines through the per-SID cache: the same bytes as ``csv_lines(csv_parts(...))``, each line the
+    Pid and the cached rest of it (one take and one join per batch)."""
+
+    def _format(self, codes: np.ndarray) -> list[pa.Array]:
+        return [pc.binary_join_element_wise('"[', *self._pieces(codes), "\n", "")]
+
+    def csv_lines(self, pids: np.ndarray, codes: np.ndarray, packed: np.ndarray) -> pa.Array:
+        """The complete lines of these rows; ``packed`` is one int64 per row that identifies its SID."""
+        if not len(pids):
+            return pa.array([], type=pa.string())
+        (rest,) = self._lookup(codes, packed)
+        return pc.binary_join_element_wise(int_strings(pids), rest, ",")
+
+
+def _text_bytes(values: pa.Array) -> int:
+    offsets = _string_offsets(values)
+    return int(offsets[-1] - offsets[0])
 
 
 def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:
@@ -163,20 +266,19 @@ def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, level
 
 
 def string_bytes(array: pa.Array | pa.ChunkedArray) -> bytes:
-    """The concatenated bytes of a string array (its values buffer, without copying per row)."""
+    """The concatenated bytes of a string array."""
+    return b"".join(string_buffers(array))
+
+
+def string_buffers(array: pa.Array | pa.ChunkedArray) -> list[pa.Buffer]:
+    """The concatenated bytes of a string array as slices of its values buffers (one per chunk), not copied: a file
+    or a hash takes them as they are."""
     if isinstance(array, pa.ChunkedArray):
-        return b"".join(string_bytes(chunk) for chunk in array.chunks)
-    if len(array) == 0:
-        return b""
-    if array.type == pa.large_string():
-        offset_type = np.int64
-    elif array.type == pa.string():
-        offset_type = np.int32
-    else:
-        raise TypeError(f"expected a string array, got {array.type}")
-    _, offsets_buf, data_buf = array.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
-    return data_buf[int(offsets[0]) : int(offsets[-1])].to_pybytes()
+        return [buffer for chunk in array.chunks for buffer in string_buffers(chunk)]
+    offsets = _string_offsets(array)
+    if offsets[-1] == offsets[0]:
+        return []
+    return [array.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))]
 
 
 def arrow_columns(pids: np.ndarray, codes: np.ndarray, vectors: np.ndarray) -> dict[str, pa.Array]:

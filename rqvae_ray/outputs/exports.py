@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from rqvae_ray.core.contract import Export, OutputSpec, csv_text
 from rqvae_ray.core.encoder import codeword_sums
-from rqvae_ray.core.formatting import csv_lines, index_json_entries, int_strings, joined_rows, string_bytes
+from rqvae_ray.core.formatting import csv_lines, index_json_entries, int_strings, joined_rows, string_buffers
 from rqvae_ray.core.presets import PresetFile
 from rqvae_ray.core.sid_stats import SidCounter, sid_layout, unpack_codes
 from rqvae_ray.outputs.layout import export_filename, preset_filename
@@ -74,7 +74,8 @@ class _JsonMap(_Exported):
         if not len(entries):
             return
         text = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(entries)], pa.int32()), entries), ",\n")
-        self.handle.write(self._separator + string_bytes(text))
+        self.handle.write(self._separator)
+        self.handle.writelines(string_buffers(text))
         self._separator = b",\n"
 
     def close(self, counter: SidCounter) -> None:
@@ -144,14 +145,14 @@ class _CodebooksCsv(_Exported):
         super().__init__(export, final)
         self.levels = len(sizes)
         self.layout = sid_layout(sizes)
-        self.text = csv_text(functools.partial(codeword_sums, codebooks), False, sizes)
+        self.text = csv_text(functools.partial(codeword_sums, codebooks), False, sizes, lines=False)
         self.handle.write(header)
 
     def add(self, pids: np.ndarray, codes: np.ndarray) -> None:
         sids = codes[:, : self.levels]
         parts = self.text.csv_parts(pids, sids, self.layout.pack(sids))
         extra = codes[:, self.levels] if codes.shape[1] > self.levels else None
-        self.handle.write(string_bytes(csv_lines(parts, extra, self.levels)))
+        self.handle.writelines(string_buffers(csv_lines(parts, extra, self.levels)))
 
 
 class _Prefixes(_JsonMap):

@@ -13,17 +13,16 @@ import numpy as np
 import pyarrow as pa
 
 from rqvae_ray.core.contract import (
+    CsvText,
     EncodedColumns,
     ModelSlot,
     OutputFormat,
     OutputSpec,
-    RowText,
     StageModel,
     csv_text,
     encoded_columns,
 )
 from rqvae_ray.core.encoder import Encoder, EncoderFactory, SparseRows, make_encoder
-from rqvae_ray.core.formatting import SidText
 from rqvae_ray.core.rows import rows_from_table
 from rqvae_ray.core.sid_cap import latent_array
 from rqvae_ray.core.sid_stats import sid_layout
@@ -41,9 +40,9 @@ class _Model:
         self.encoder: Encoder = encoder_factory(model.weights, use_gpu)
         sizes = model.weights.codebook_sizes
         self.layout = sid_layout(sizes)
-        self.text: SidText | RowText | None = None
+        self.text: CsvText | None = None
         if spec.fmt is OutputFormat.CSV:
-            self.text = csv_text(self.encoder.vectors, spec.sid_tokens, sizes)
+            self.text = csv_text(self.encoder.vectors, spec.sid_tokens, sizes, lines=not spec.text_parts)
 
     def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
         started = time.perf_counter()

@@ -12,7 +12,7 @@ from rqvae_ray.core.formatting import (
     CSV_HEADER_WITH_SID,
     arrow_columns,
     csv_lines,
-    string_bytes,
+    string_buffers,
     with_dedup_codes,
     with_dedup_tokens,
 )
@@ -40,14 +40,14 @@ class CsvFormat:
 
     def write(self, pids: pa.ChunkedArray, encoded: EncodedColumns, codes: np.ndarray | None, extra) -> None:
         if encoded.lines is not None:
-            self.handle.write(string_bytes(encoded.lines))
+            self.handle.writelines(string_buffers(encoded.lines))  # Arrow's memory (the object store's, on Ray)
             return
         parts = {
             k: _whole(v)
             for k, v in (("head", encoded.head), ("tail", encoded.tail), ("tokens", encoded.tokens))
             if v is not None
         }
-        self.handle.write(string_bytes(csv_lines(parts, extra, self.levels)))
+        self.handle.writelines(string_buffers(csv_lines(parts, extra, self.levels)))
 
     def close(self) -> None:
         pass

@@ -14,16 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rqvae_ray.core.contract import (
+    CsvText,
     EncodedColumns,
     ModelSlot,
     OutputFormat,
     OutputSpec,
-    RowText,
     csv_text,
     encoded_columns,
 )
 from rqvae_ray.core.encoder import codeword_sums
-from rqvae_ray.core.formatting import SidText
 from rqvae_ray.core.sid_stats import SidCounter
 from rqvae_ray.errors import OutputError, RqvaeRayError
 from rqvae_ray.outputs.exports import ModelExports
@@ -101,12 +100,12 @@ class ModelSink:
         return self.kept.changed if self.kept is not None else 0
 
     @functools.cached_property
-    def _text(self) -> SidText | RowText | None:
+    def _text(self) -> CsvText | None:
         """The CSV text maker of rows rebuilt from their codes (the encode stage's)."""
         if self.spec.fmt is not OutputFormat.CSV:
             return None
         vectors_of = functools.partial(codeword_sums, self.target.codebooks)
-        return csv_text(vectors_of, self.spec.sid_tokens, self.target.codebook_sizes)
+        return csv_text(vectors_of, self.spec.sid_tokens, self.target.codebook_sizes, lines=not self.spec.text_parts)
 
     def _rebuilt(self, pids: np.ndarray, packed: np.ndarray) -> EncodedColumns:
         """The columns of rows of known SIDs, as the encode stage makes them (same formatting code, same bytes)."""
