@@ -7,6 +7,7 @@ cast), and negative zero keeps its sign as ``-0.0``. Both list columns load with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -137,7 +138,13 @@ def _string_offsets(values: pa.Array) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=offset_type)[values.offset : values.offset + len(values) + 1]
 
 
-class _SidColumns:
+def _text_bytes(values: pa.Array) -> int:
+    """The bytes of a string array's values."""
+    offsets = _string_offsets(values)
+    return int(offsets[-1] - offsets[0])
+
+
+class _SidColumns(ABC):
     """Text columns that depend on the SID alone, formatted once per distinct SID (:meth:`_format`).
 
     A POI's Codebook, Vector (the sum of its codewords) and SID tokens are functions of its codes, and far fewer
@@ -157,9 +164,9 @@ class _SidColumns:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @abstractmethod
     def _format(self, codes: np.ndarray) -> list[pa.Array]:
         """The cached columns of SIDs given by their codes."""
-        raise NotImplementedError
 
     def _pieces(self, codes: np.ndarray) -> list[pa.Array]:
         """The codes text, the tail and (when asked) the tokens field of SIDs given by their codes."""
@@ -238,11 +245,6 @@ class SidLines(_SidColumns):
             return pa.array([], type=pa.string())
         (rest,) = self._lookup(codes, packed)
         return pc.binary_join_element_wise(int_strings(pids), rest, ",")
-
-
-def _text_bytes(values: pa.Array) -> int:
-    offsets = _string_offsets(values)
-    return int(offsets[-1] - offsets[0])
 
 
 def csv_lines(parts: dict[str, pa.Array], extra: np.ndarray | None = None, levels: int = 0) -> pa.Array:
