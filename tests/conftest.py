@@ -128,13 +128,45 @@ def demo_run(demo_hub, tmp_path_factory):
     return folder / "out", subprocess.CompletedProcess(**json.loads(record.read_text()))
 
 
-@pytest.fixture(scope="session")
-def local_ray(tmp_path_factory):
-    """An in-process local Ray for pipeline tests (2 CPUs, no dashboard); it starts when no other test is starting a
-    Ray of its own (see :func:`own_ray_lock`)."""
+# The own-Ray lock of the session's local Ray, once it has first started (see local_ray).
+_local_ray_lock: list = []
+
+
+def _init_local_ray(lock):
+    """The ``ray`` module, the local Ray started if it is not running (under ``lock``, see :func:`own_ray_lock`)."""
     import ray
 
-    with own_ray_lock(tmp_path_factory):
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    if not ray.is_initialized():
+        with lock:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory):
+    """An in-process local Ray for pipeline tests (2 CPUs, no dashboard), shared by the tests that follow one another
+    on a worker: it starts for the first of them when no other test is starting a Ray of its own, and stops after the
+    last (see :func:`pytest_runtest_teardown`) rather than idling beside the rest of the suite (an idle Ray keeps ~4 %
+    of a core busy); a later test that uses it starts it again (see :func:`pytest_runtest_setup`)."""
+    _local_ray_lock.append(own_ray_lock(tmp_path_factory))
+    return _init_local_ray(_local_ray_lock[0])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Start the local Ray again for a test that uses it (its fixtures included) after it was stopped."""
+    if _local_ray_lock and "local_ray" in getattr(item, "fixturenames", ()):
+        _init_local_ray(_local_ray_lock[0])
+
+
+@pytest.hookimpl(trylast=True)  # after the test's fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop a Ray left running in this process (the local Ray, or one an API run started) unless this worker's next
+    test uses the local Ray (its fixtures included): the local-Ray tests come together (see
+    :func:`pytest_collection_modifyitems`)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if nextitem is not None and "local_ray" in getattr(nextitem, "fixturenames", ()):
+        return
     ray.shutdown()

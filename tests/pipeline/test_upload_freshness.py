@@ -128,9 +128,7 @@ def test_a_rerun_after_a_failed_upload_uploads_the_kept_files(server, run, tmp_p
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_encoded_and_up_to_date_files_go_in_one_commit(server, run, tmp_path, request, executor):
-    if executor == "ray":
-        request.getfixturevalue("local_ray")
+def test_encoded_and_up_to_date_files_go_in_one_commit(server, run, tmp_path, local_ray, executor):
     out = tmp_path / "out"
     first, _ = run(out, SPECS[:1], upload=False)
     assert first[0].ok, first
