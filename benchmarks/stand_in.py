@@ -30,7 +30,7 @@ class StandInEncoder(Encoder):
     """Codes from a hash of each row (no matrix product), Vectors as the real encoder's: the codeword sums."""
 
     def __init__(self, weights: ModelWeights) -> None:
-        super().__init__(weights)
+        super().__init__(weights, float32_pass=False)
         self._sizes = tuple(weights.codebook_sizes)
         rng = np.random.default_rng(zlib.crc32(weights.codebooks[0].tobytes()))  # each model its own hash
         self._column_keys = rng.integers(1, 2**63, size=weights.input_dim, dtype=np.uint64)

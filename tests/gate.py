@@ -99,8 +99,12 @@ class _GatedEncoder:
         return getattr(self.inner, name)
 
     def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
-        codes, _latent = self.encode_latent(rows)
+        codes = self.codes(rows)
         return codes, self.inner.vectors(codes)
+
+    def codes(self, rows: SparseRows) -> np.ndarray:
+        self._wait(rows.num_rows)
+        return self.inner.codes(rows)
 
     def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         self._wait(rows.num_rows)

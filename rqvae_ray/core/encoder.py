@@ -39,6 +39,11 @@ steps with torch, batch-invariant in the same way:
 
 The two paths round the later layers differently, so they agree on every code except where a row's two nearest
 codewords are closer than float64 rounding; each is batch-invariant on its own.
+
+On the CPU, :meth:`Encoder.codes` (the codes without the latents) first runs the float32 pass of
+:mod:`rqvae_ray.core.float32_pass`, which keeps a row's codes only where a forward-error bound proves them equal to
+this float64 path's, and sends the other rows (about one in ten on the NYC models) through the float64 path: the
+same codes whatever the batch, at about 0.8 times the cost.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rqvae_ray.core.checkpoint import ModelWeights
+from rqvae_ray.core.float32_pass import Float32Pass
 from rqvae_ray.errors import InputDimensionError
 
 if TYPE_CHECKING:
@@ -66,6 +72,8 @@ CHUNK_ROWS = TILES_PER_CHUNK * BLOCK_ROWS
 FIRST_LAYER_ROWS = 1024
 # At most this many float64 differences [rows, codewords, latent] in one step of the device quantizer (128 MiB).
 QUANTIZE_ELEMENTS = 1 << 24
+# Rows per step of the float32 pass (its activations stay a few MiB whatever the batch).
+FLOAT32_PASS_ROWS = 4096
 # The shortlist margin, relative to |r|**2 + max |c|**2: about 1e6 times the rounding error of a 64-term float64
 # dot product, and still far below any distance gap that matters.
 SHORTLIST_MARGIN = 1e-10
@@ -108,6 +116,13 @@ class SparseRows:
             all_ones = all_ones and bool((values[first:last] == 1).all())
         return cls(indptr, indices, None if all_ones else values)
 
+    def subset(self, keep: np.ndarray) -> SparseRows:
+        """The rows where ``keep`` (bool [n]) is true, in order."""
+        counts = np.diff(self.indptr)
+        entries = np.repeat(keep, counts)
+        indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(counts[keep])])
+        return SparseRows(indptr, self.indices[entries], None if self.values is None else self.values[entries])
+
     def padded(self) -> tuple[np.ndarray, np.ndarray | None]:
         """``[n, width]`` column indices (padding points at column -1) and values (padding 0); ``width >= 1``."""
         counts = np.diff(self.indptr)
@@ -133,10 +148,17 @@ def codeword_sums(codebooks: tuple[np.ndarray, ...], codes: np.ndarray) -> np.nd
 
 
 class Encoder:
-    """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU."""
+    """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU.
 
-    def __init__(self, weights: ModelWeights) -> None:
+    :meth:`codes` takes a float32 pass first and the float64 path only for the rows whose codes it cannot prove
+    (:mod:`rqvae_ray.core.float32_pass`): the same codes, at about half the cost. A subclass that computes codes
+    another way (another device, a benchmark's stand-in) overrides :meth:`encode_latent` and passes
+    ``float32_pass=False``.
+    """
+
+    def __init__(self, weights: ModelWeights, float32_pass: bool = True) -> None:
         self.weights = weights
+        self._float32 = Float32Pass(weights) if float32_pass else None
         first = weights.layers[0]
         # Column -1 (the padding of SparseRows.padded) reads this appended zero column.
         # C order: gathering rows of a column-major array is two orders of magnitude slower.
@@ -151,8 +173,26 @@ class Encoder:
 
     def encode(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and ``vectors`` float32 [n, latent]."""
-        codes, _latent = self.encode_latent(rows)
+        codes = self.codes(rows)
         return codes, self.vectors(codes)
+
+    def codes(self, rows: SparseRows) -> np.ndarray:
+        """``codes`` int32 [n, levels]: those of :meth:`encode_latent`, from the float32 pass where it proves them."""
+        if self._float32 is None:
+            return self.encode_latent(rows)[0]
+        self._check_columns(rows)
+        codes = np.empty((rows.num_rows, len(self.weights.codebooks)), dtype=np.int32)
+        certain = np.empty(rows.num_rows, dtype=bool)
+        for start in range(0, rows.num_rows, FLOAT32_PASS_ROWS):
+            stop = min(start + FLOAT32_PASS_ROWS, rows.num_rows)
+            first, last = rows.indptr[start], rows.indptr[stop]
+            values = None if rows.values is None else rows.values[first:last]
+            codes[start:stop], certain[start:stop] = self._float32.codes(
+                rows.indptr[start : stop + 1] - first, rows.indices[first:last], values
+            )
+        if not certain.all():
+            codes[~certain] = Encoder.encode_latent(self, rows.subset(~certain))[0]
+        return codes
 
     def encode_latent(self, rows: SparseRows) -> tuple[np.ndarray, np.ndarray]:
         """Return ``codes`` int32 [n, levels] and the encoder's output ``z`` float64 [n, latent]."""
@@ -247,7 +287,7 @@ class TorchEncoder(Encoder):
     ``CHUNK_ROWS`` rows so that every kernel sees the same shapes whatever the batch (see the module docstring)."""
 
     def __init__(self, weights: ModelWeights, device: str) -> None:
-        super().__init__(weights)
+        super().__init__(weights, float32_pass=False)
         import torch
 
         self._torch = torch

@@ -46,10 +46,13 @@ class _Model:
 
     def encode(self, rows: SparseRows, pids, spec: OutputSpec) -> EncodedColumns:
         started = time.perf_counter()
-        codes, latent = self.encoder.encode_latent(rows)
+        if spec.max_per_sid is None:
+            codes, latent = self.encoder.codes(rows), None
+        else:  # the writer places the POIs that move from it by their latents
+            codes, latent = self.encoder.encode_latent(rows)
         packed = self.layout.pack(codes)
         encoded = encoded_columns(pids, codes, packed, spec, self.text)
-        if spec.max_per_sid is not None:  # the writer places the POIs that move from it
+        if latent is not None:
             encoded = dataclasses.replace(encoded, latent=latent_array(latent))
         share = (time.perf_counter() - started) / max(len(pids), 1)
         return dataclasses.replace(encoded, seconds=pa.array(np.full(len(pids), share)))

@@ -77,7 +77,7 @@ class _FirstCodewords(Encoder):
 
 
 def _first_codewords(weights, use_gpu: bool = False) -> Encoder:
-    return _FirstCodewords(weights)
+    return _FirstCodewords(weights, float32_pass=False)
 
 
 def test_the_encoder_factory_builds_the_encoders_of_both_executors(demo_hub, local_ray, tmp_path):
