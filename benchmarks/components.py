@@ -2,7 +2,8 @@
 
 For one model over ``--rows`` POIs of a W2 hub (batches of ``--batch`` rows), in this process, one thread each:
 
-* product encode: ``rqvae_ray.core.encoder.Encoder.encode`` (float64, batch-invariant);
+* product encode: ``rqvae_ray.core.encoder.Encoder.encode`` (the float32 pass, the float64 path for the rows it
+  cannot prove; the same codes), and the float64 path alone;
 * product CSV formatting: every row (``csv_parts``) and with the per-SID cache of whole lines (``SidLines``);
   product Arrow columns: ``arrow_columns``;
 * baseline encode: densify + torch float32 encoder and quantizer (``benchmarks.baseline``);
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     frozen = load_model(checkpoint)
     sparse = []
     _timed("product rows_from_table (Arrow -> CSR)", rows, lambda: sparse.extend(rows_from_table(t) for t in tables))
+    float64 = Encoder(encoder.weights, float32_pass=False)
+    _timed("product encode, float64 path alone", rows, lambda: [float64.encode(r) for r in sparse])
     results = []
-    _timed("product encode (float64 Encoder)", rows, lambda: results.extend(encoder.encode(r) for r in sparse))
+    _timed(
+        "product encode (float32 pass + float64 rest)", rows, lambda: results.extend(encoder.encode(r) for r in sparse)
+    )
     pids = [t.column("Pid").to_numpy() for t in tables]
     _timed(
         "product CSV formatting (csv_lines)",
