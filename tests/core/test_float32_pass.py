@@ -1,6 +1,8 @@
 """The float32 pass: its error bound holds, it never keeps a code the float64 path would not choose, and the encoder
 gives the float64 path's codes with it (real models and data, near-ties, overflow)."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,16 @@ def test_subset():
     np.testing.assert_array_equal(last.indptr, [0, 0, 3])
     np.testing.assert_array_equal(last.indices, [0, 2, 4])
     assert last.values is None
+
+
+def test_one_pass_per_model_while_it_lives():
+    """The threads of a process share each model's pass; it goes with its weights."""
+    rng = np.random.default_rng(13)
+    weights = _mlp(4, tuple(rng.standard_normal((16, 8)).astype(np.float32) for _ in range(3)))
+    other = _mlp(5, weights.codebooks)
+    assert Float32Pass.of(weights) is Float32Pass.of(weights) is Encoder(weights)._float32
+    assert Float32Pass.of(other) is not Float32Pass.of(weights)
+    key = id(weights)
+    del weights
+    gc.collect()
+    assert key not in Float32Pass._shared
