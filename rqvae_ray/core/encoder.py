@@ -42,8 +42,8 @@ codewords are closer than float64 rounding; each is batch-invariant on its own.
 
 On the CPU, :meth:`Encoder.codes` (the codes without the latents) first runs the float32 pass of
 :mod:`rqvae_ray.core.float32_pass`, which keeps a row's codes only where a forward-error bound proves them equal to
-this float64 path's, and sends the other rows (about one in ten on the NYC models) through the float64 path: the
-same codes whatever the batch, at about 0.8 times the cost.
+this float64 path's, and sends the other rows (about one in eleven on the NYC models) through the float64 path: the
+same codes whatever the batch, at about 0.7 times the cost.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ class Float32Pass:
     """The float32 pass of one model; :meth:`codes` returns each row's codes and whether they are proven.
 
     It only reads its arrays, so the threads of one process share one pass per model (:meth:`of`): building one
-    costs ~15 ms (the spectral norms), as much as the pass saves on about ten thousand rows.
+    costs ~5 ms (mostly the spectral norms), as much as the pass saves on a few thousand rows.
     """
 
     _shared: dict[int, Float32Pass] = {}
