@@ -151,7 +151,7 @@ class Encoder:
     """Encodes feature rows to (codes, vectors) with a frozen :class:`ModelWeights` on the CPU.
 
     :meth:`codes` takes a float32 pass first and the float64 path only for the rows whose codes it cannot prove
-    (:mod:`rqvae_ray.core.float32_pass`): the same codes, at about half the cost. A subclass that computes codes
+    (:mod:`rqvae_ray.core.float32_pass`): the same codes, in about 0.7 times the time. A subclass that computes codes
     another way (another device, a benchmark's stand-in) overrides :meth:`encode_latent` and passes
     ``float32_pass=False``.
     """
