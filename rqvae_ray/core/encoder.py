@@ -158,7 +158,7 @@ class Encoder:
 
     def __init__(self, weights: ModelWeights, float32_pass: bool = True) -> None:
         self.weights = weights
-        self._float32 = Float32Pass.of(weights) if float32_pass else None
+        self._float32 = Float32Pass.of(weights) if float32_pass and Float32Pass.fits(weights) else None
         first = weights.layers[0]
         # Column -1 (the padding of SparseRows.padded) reads this appended zero column.
         # C order: gathering rows of a column-major array is two orders of magnitude slower.

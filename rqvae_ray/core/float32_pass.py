@@ -50,6 +50,8 @@ TINY = 1e-30
 NORM_SLACK = 1e-3
 # The float64 path's shortlist margin (SHORTLIST_MARGIN) and rounding, with room to spare.
 DECISION_MARGIN = 4e-10
+# The pass keeps a [K, K] table of codeword distances per level: models with larger codebooks encode in float64 only.
+MAX_CODEWORDS = 4096
 
 
 def _gamma(terms: int, u: float) -> float:
@@ -117,9 +119,16 @@ def _row_norms(block: np.ndarray) -> np.ndarray:
 
 
 def _pair_distances(book: np.ndarray) -> np.ndarray:
-    """float32 [K, K] upper bounds of ``|b - a|`` for every pair of codewords (symmetric)."""
+    """float32 [K, K] upper bounds of ``|b - a|`` for every pair of codewords (symmetric).
+
+    From ``|a|**2 + |b|**2 - 2 a.b`` in float64 ([K, K] memory, not [K, K, latent]), plus that sum's worst rounding,
+    ``gamma(latent + 2) (|a| + |b|)**2``.
+    """
     wide = book.astype(np.float64)
-    distances = np.linalg.norm(wide[:, None, :] - wide[None, :, :], axis=2) * (1 + NORM_SLACK)
+    lengths = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+    squares = lengths[:, None] ** 2 + lengths[None, :] ** 2 - 2.0 * (wide @ wide.T)
+    squares += _gamma(book.shape[1] + 2, U64) * (lengths[:, None] + lengths[None, :]) ** 2
+    distances = np.sqrt(np.maximum(squares, 0.0)) * (1 + NORM_SLACK)
     return np.nextafter(distances.astype(np.float32), np.float32(np.inf))
 
 
@@ -132,6 +141,11 @@ class Float32Pass:
 
     _shared: dict[int, Float32Pass] = {}
     _lock = threading.Lock()
+
+    @staticmethod
+    def fits(weights: ModelWeights) -> bool:
+        """Whether every codebook is small enough for the pass's per-level table of distances."""
+        return max(weights.codebook_sizes) <= MAX_CODEWORDS
 
     @classmethod
     def of(cls, weights: ModelWeights) -> Float32Pass:

@@ -9,7 +9,7 @@ import torch
 
 from rqvae_ray.core.checkpoint import Layer, ModelWeights, load_checkpoint_file
 from rqvae_ray.core.encoder import FLOAT32_PASS_ROWS, Encoder, SparseRows
-from rqvae_ray.core.float32_pass import Float32Pass
+from rqvae_ray.core.float32_pass import MAX_CODEWORDS, Float32Pass
 
 MODELS = [("nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5"), ("tky", "rqvae-tky-div0.5-commit0.25-lr5e-5")]
 
@@ -144,3 +144,14 @@ def test_one_pass_per_model_while_it_lives():
     del weights
     gc.collect()
     assert key not in Float32Pass._shared
+
+
+def test_codebooks_too_large_for_the_distance_table_encode_in_float64():
+    rng = np.random.default_rng(17)
+    small = rng.standard_normal((4, 8)).astype(np.float32)
+    large = rng.standard_normal((MAX_CODEWORDS + 1, 8)).astype(np.float32)
+    assert Encoder(_mlp(6, (small, small)))._float32 is not None
+    weights = _mlp(6, (small, large))
+    assert Encoder(weights)._float32 is None
+    rows = _weighted_rows(40, 30, seed=18)
+    np.testing.assert_array_equal(Encoder(weights).codes(rows), _exact(weights).codes(rows))
