@@ -143,7 +143,7 @@ class ModelSink:
         if self.spool is not None:
             self.spool.add(block.column("Pid"), encoded)
         else:
-            self._emit(block.column("Pid"), encoded, None)
+            self._emit(block.column("Pid"), encoded, sids, None)
 
     def _sids(self, encoded: EncodedColumns) -> np.ndarray:
         """The packed SIDs of some rows (see :class:`~rqvae_ray.core.sid_stats.SidLayout`)."""
@@ -159,9 +159,10 @@ class ModelSink:
                 path=str(self.final),
             )
 
-    def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, extra: np.ndarray | None) -> None:
+    def _emit(self, pids: pa.ChunkedArray, encoded: EncodedColumns, sids: np.ndarray, extra: np.ndarray | None) -> None:
+        """Write rows (``sids``: their packed SIDs, as ``_sids`` reads them from ``encoded``)."""
         needed = self.format.needs_codes or self._row_exports is not None
-        codes = self.layout.unpack(self._sids(encoded)) if needed else None
+        codes = self.layout.unpack(sids) if needed else None
         if self._row_exports is not None:
             self._row_exports.add(pids.to_numpy(), codes if extra is None else np.column_stack([codes, extra]))
         self.format.write(pids, encoded, codes, extra)
@@ -185,10 +186,11 @@ class ModelSink:
             for pids, spooled in self.spool.replay():
                 encoded = spooled if self.moves is None else self.moves.apply(first_row, pids, spooled, self._rebuilt)
                 first_row += len(pids)
+                sids = self._sids(encoded)
                 extra = None
                 if self.spec.dedup:  # after the cap: the codes of the SIDs the POIs now hold
-                    extra = self.counter.dedup_codes(self._sids(encoded), self.spec.fixed_length)
-                self._emit(pids, encoded, extra)
+                    extra = self.counter.dedup_codes(sids, self.spec.fixed_length)
+                self._emit(pids, encoded, sids, extra)
         self.format.close()
         self._handle.close()  # Parquet may have closed it already, which is harmless
         if self.exports is not None:
