@@ -116,6 +116,12 @@ class SparseRows:
             all_ones = all_ones and bool((values[first:last] == 1).all())
         return cls(indptr, indices, None if all_ones else values)
 
+    def slice(self, start: int, stop: int) -> SparseRows:
+        """Rows ``start``..``stop - 1``."""
+        lo, hi = self.indptr[start], self.indptr[stop]
+        values = None if self.values is None else self.values[lo:hi]
+        return SparseRows(self.indptr[start : stop + 1] - lo, self.indices[lo:hi], values)
+
     def subset(self, keep: np.ndarray) -> SparseRows:
         """The rows where ``keep`` (bool [n]) is true, in order."""
         counts = np.diff(self.indptr)
@@ -185,11 +191,8 @@ class Encoder:
         certain = np.empty(rows.num_rows, dtype=bool)
         for start in range(0, rows.num_rows, FLOAT32_PASS_ROWS):
             stop = min(start + FLOAT32_PASS_ROWS, rows.num_rows)
-            first, last = rows.indptr[start], rows.indptr[stop]
-            values = None if rows.values is None else rows.values[first:last]
-            codes[start:stop], certain[start:stop] = self._float32.codes(
-                rows.indptr[start : stop + 1] - first, rows.indices[first:last], values
-            )
+            part = rows.slice(start, stop)
+            codes[start:stop], certain[start:stop] = self._float32.codes(part.indptr, part.indices, part.values)
         if not certain.all():
             codes[~certain] = Encoder.encode_latent(self, rows.subset(~certain))[0]
         return codes

@@ -109,12 +109,12 @@ def _column_norms(weight: np.ndarray) -> np.ndarray:
 
 
 def _row_norms(block: np.ndarray) -> np.ndarray:
-    """Upper bounds of each row's 2-norm, as float64 (inf where a square overflows: such rows are never certain).
+    """Upper bounds of each row's 2-norm of a float32 block, as float64 (inf where a square overflows: such rows are
+    never certain).
 
-    The sum of squares is taken in the block's precision, so it may be ``gamma(width)`` short: the slack adds that.
+    The sum of squares is taken in float32, so it may be ``gamma(width)`` short: the slack adds that.
     """
-    unit = U32 if block.dtype == np.float32 else U64
-    slack = 1 + NORM_SLACK + _gamma(block.shape[1] + 1, unit)
+    slack = 1 + NORM_SLACK + _gamma(block.shape[1] + 1, U32)
     return np.sqrt(np.einsum("ij,ij->i", block, block).astype(np.float64)) * slack
 
 
@@ -203,7 +203,7 @@ class Float32Pass:
     def _latent(
         self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The float32 latent (as float64) and a bound on its distance to the float64 path's latent, per row."""
+        """The float32 latent and a bound (float64) on its distance to the float64 path's latent, per row."""
         from scipy.sparse import csr_array  # ~0.2 s to import: only the processes that encode pay it
 
         n = len(indptr) - 1

@@ -57,13 +57,6 @@ def _reject_row(table: pa.Table, row: int) -> None:
     raise DatasetError("", f"features contain NaN or Inf (first at Pid {pid}); fix the feature files")
 
 
-def row_slice(rows: SparseRows, start: int, stop: int) -> SparseRows:
-    """Rows ``start``..``stop - 1`` of ``rows``."""
-    lo, hi = rows.indptr[start], rows.indptr[stop]
-    values = None if rows.values is None else rows.values[lo:hi]
-    return SparseRows(rows.indptr[start : stop + 1] - lo, rows.indices[lo:hi], values)
-
-
 def pid_break(pids: np.ndarray, first: int) -> tuple[int, int] | None:
     """The first row of ``pids`` that breaks the run ``first, first + 1, ...`` and the Pid expected there; None when
     every row follows."""

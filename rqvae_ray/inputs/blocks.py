@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from rqvae_ray.core.encoder import SparseRows
-from rqvae_ray.core.rows import row_slice, rows_from_table, sparse_table
+from rqvae_ray.core.rows import rows_from_table, sparse_table
 from rqvae_ray.errors import DatasetError
 from rqvae_ray.inputs.features import PoiFeatures
 
@@ -56,7 +56,7 @@ def iter_rows(features: PoiFeatures, block_rows: int) -> Iterator[SparseRows]:
     """Every row in Pid order as sparse rows, in blocks of at most ``block_rows`` rows."""
     if features.rows is not None:
         for start in range(0, features.num_pois, block_rows):
-            yield row_slice(features.rows, start, min(start + block_rows, features.num_pois))
+            yield features.rows.slice(start, min(start + block_rows, features.num_pois))
         return
     for table in iter_blocks(features, block_rows):
         try:
@@ -69,7 +69,7 @@ def memory_blocks(rows: SparseRows, before: int, block_rows: int) -> Iterator[pa
     """``rows`` (the dataset's rows after its first ``before``) as sparse tables of ``block_rows`` rows."""
     for first in range(0, rows.num_rows, block_rows):
         last = min(first + block_rows, rows.num_rows)
-        yield sparse_table(row_slice(rows, first, last), first_pid=before + first + 1)
+        yield sparse_table(rows.slice(first, last), first_pid=before + first + 1)
 
 
 def shard_blocks(path: str, skip: int, block_rows: int) -> Iterator[pa.Table]:
@@ -96,5 +96,5 @@ def shard_blocks(path: str, skip: int, block_rows: int) -> Iterator[pa.Table]:
 
 def _own_rows(rows: SparseRows, first: int, last: int) -> SparseRows:
     """Rows ``first``..``last - 1`` on their own (copied, so that a Ray read task carries only its rows)."""
-    part = row_slice(rows, first, last)
+    part = rows.slice(first, last)
     return SparseRows(part.indptr, part.indices.copy(), None if part.values is None else part.values.copy())

@@ -16,7 +16,6 @@ from collections.abc import Iterable
 import numpy as np
 
 from rqvae_ray.core.encoder import SparseRows
-from rqvae_ray.core.rows import row_slice
 from rqvae_ray.inputs.blocks import iter_rows
 from rqvae_ray.inputs.features import PoiFeatures
 
@@ -47,11 +46,11 @@ def rows_digests(features: PoiFeatures, counts: Iterable[int]) -> dict[int, str]
         start = 0
         while pending and pending[0] - offset <= block.num_rows:
             stop = pending.pop(0) - offset
-            streams.update(row_slice(block, start, stop))
+            streams.update(block.slice(start, stop))
             result[offset + stop] = streams.hexdigest()
             start = stop
         if not pending:
             break
-        streams.update(row_slice(block, start, block.num_rows))
+        streams.update(block.slice(start, block.num_rows))
         offset += block.num_rows
     return result

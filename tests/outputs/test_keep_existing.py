@@ -28,7 +28,7 @@ from rqvae_ray.cli.app import app
 from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.core.encoder import SparseRows
 from rqvae_ray.core.hashing import sha256_files
-from rqvae_ray.core.rows import row_slice, sparse_table
+from rqvae_ray.core.rows import sparse_table
 from rqvae_ray.errors import OutputError
 from rqvae_ray.inputs import feature_digest
 from rqvae_ray.inputs.demo import write_dataset
@@ -109,7 +109,7 @@ def _run(hub: Path, out: Path, spec: OutputSpec, specs=SPECS) -> tuple[dict, lis
         stage = EncodeModels(repo=REPO, models=stage_models(loaded), spec=spec)
         for start in range(loaded.first_pid - 1, features.num_pois, 1024):
             stop = min(start + 1024, features.num_pois)
-            writer.write(stage(sparse_table(row_slice(features.rows, start, stop), first_pid=start + 1)))
+            writer.write(stage(sparse_table(features.rows.slice(start, stop), first_pid=start + 1)))
         for item in writer.finish():
             results[item.entry.model_id if isinstance(item, Published) else item.model_id] = item
     return results, notes, loaded.first_pid
