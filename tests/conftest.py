@@ -138,7 +138,14 @@ def _init_local_ray(lock):
 
     if not ray.is_initialized():
         with lock:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            # As the product's private Ray (see start_ray): no idle workers started for the driver.
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                _system_config={"prestart_worker_first_driver": False},
+            )
     return ray
 
 
