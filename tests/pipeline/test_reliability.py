@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import io
 import json
 import os
@@ -278,6 +279,14 @@ def _wait_for(state, proc: subprocess.Popen, lines: list[str], what: str, wait_s
         time.sleep(0.1)
 
 
+def _until(state, proc: subprocess.Popen, wait_s: float = 300) -> bool:
+    """Wait until ``state()`` holds or ``proc`` ends, at most ``wait_s``; whether ``state()`` holds."""
+    deadline = time.monotonic() + wait_s
+    while not state() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return state()
+
+
 INTERRUPTED_MODELS = [DEFAULT_MODELS[0], *DEFAULT_MODELS[8:10]]  # one NYC model, two TKY models
 TKY_POIS = 7900  # the demo TKY dataset's
 
@@ -394,30 +403,44 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
     assert (tmp_path / rel).read_bytes() == (reference / rel).read_bytes()
 
 
+# Ray 2.60's raylet waits at most 15 s (fixed) for its dashboard agent, a Python process, to start; beside the other
+# xdist worker's actor pools on 2 cores the agent has taken longer (2 runs of the suite in 6 one slow night), and the
+# run ended with Ray's own "The current node timed out during startup". A cluster that never came up is not what this
+# test loses, so such a run is started once more.
+RAY_NEVER_STARTED = "The current node timed out during startup"
+
+
 def test_lost_ray_cluster_exits_with_one_clear_line_and_keeps_finished_files(demo_hub, demo_run, tmp_path, own_ray):
-    out = tmp_path / "out"
     models = [DEFAULT_MODELS[0], *DEFAULT_MODELS[5:9]]  # one NYC model, four TKY models
     spec = parse_model_id(models[0])
-    nyc_file = output_dir(out, spec.dataset_repo, "LLM Dataset") / csv_name(spec)
-    args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray"]
-    gate = GateControl(tmp_path / "gate")  # closed for good: TKY is unfinished when the cluster is lost
-    proc = _start_cli(args, gate)
-    lines, reader = _read_output(proc)
-    try:
-        _wait_for(lambda: _published(nyc_file), proc, lines, "NYC was published")
-        gcs = descendants_running(proc.pid, "gcs_server")
-        assert gcs, "the run's own GCS process was not found"
-        for process in gcs:
-            process.kill()
-        started = time.monotonic()
-        proc.wait(timeout=120)
-        waited = time.monotonic() - started
-        reader.join(timeout=60)
-    finally:
+    for attempt in (1, 2):
+        out = tmp_path / f"out-{attempt}"
+        nyc_file = output_dir(out, spec.dataset_repo, "LLM Dataset") / csv_name(spec)
+        args = [*models, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray"]
+        # Closed for good: TKY is unfinished when the cluster is lost.
+        proc = _start_cli(args, GateControl(tmp_path / f"gate-{attempt}"))
+        lines, reader = _read_output(proc)
+        published = functools.partial(_published, nyc_file)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            if not _until(published, proc) and proc.poll() is not None and attempt == 1:
+                reader.join(timeout=60)  # the ended run's whole output
+                if RAY_NEVER_STARTED in "".join(lines):
+                    continue
+            _wait_for(published, proc, lines, "NYC was published")
+            gcs = descendants_running(proc.pid, "gcs_server")
+            assert gcs, "the run's own GCS process was not found"
+            for process in gcs:
+                process.kill()
+            started = time.monotonic()
+            proc.wait(timeout=120)
+            waited = time.monotonic() - started
+            reader.join(timeout=60)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        break
     output = "".join(lines)
     assert proc.returncode == 1, output[-2000:]
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
