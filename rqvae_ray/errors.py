@@ -187,6 +187,25 @@ class PoolStartTimeout(RqvaeRayError):
     """The cluster could not hold a dataset's encoder actors within ``--actor-wait-s``."""
 
 
+class RayStartError(RqvaeRayError):
+    """A private local Ray did not start, or the cluster at ``address`` could not be joined; nothing ran."""
+
+    def __init__(self, address: str | None, why: str) -> None:
+        if address:
+            text = (
+                f"could not join the Ray cluster at {address} ({why}); check --address (or RAY_ADDRESS) and that the "
+                "cluster is up"
+            )
+        else:
+            text = (
+                f"the private Ray of this run did not start ({why}); on a busy machine run again, or run in this "
+                "process with --executor local"
+            )
+        super().__init__(text)
+        self.address = address
+        self.why = why
+
+
 class RayConnectionLost(RqvaeRayError):
     """The driver can no longer reach the Ray cluster; unfinished outputs were not published."""
 

@@ -21,7 +21,7 @@ from rqvae_ray.cli.flags import HelpFlag, flag
 from rqvae_ray.cli.summary import table_text, write_summary_json
 from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.core.presets import presets_help, variable_length_warning
-from rqvae_ray.errors import RayConnectionLost, RqvaeRayError, StopSignal, reason_of
+from rqvae_ray.errors import RayConnectionLost, RayStartError, RqvaeRayError, StopSignal, reason_of
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS
 from rqvae_ray.pipeline.options import ExecutorMode, PoolMode, RunOptions, check_setup, make_options
@@ -339,7 +339,7 @@ def _execute(
         if debug:
             raise
         console.error(f"{reason_of(exc)} (--debug for details; the run's log is {console.log_path})")
-        return _Outcome(1, "internal error", invalid)
+        return _Outcome(1, "Ray did not start" if isinstance(exc, RayStartError) else "internal error", invalid)
     for result in results:
         if not result.ok:
             console.error(f"{result.model_id}: {result.error}")

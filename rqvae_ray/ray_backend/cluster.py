@@ -15,7 +15,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from rqvae_ray.core.processes import process_ids, stat_field
-from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost
+from rqvae_ray.errors import PoolStartTimeout, RayConnectionLost, RayStartError, reason_of
 
 BLOCK_BYTES = 4 << 20
 # CSV blocks carry the rows' text (~3.5 KB per POI with 5 models), so they are about one batch's output instead: Ray
@@ -44,17 +44,28 @@ def start_ray(address: str | None) -> ClusterShape:
     if ray.is_initialized():
         pass
     elif address:
-        ray.init(address=address, log_to_driver=False)
+        # Ray retries a GCS that does not answer for minutes, silently (over 10 minutes for a port where nothing
+        # listens); an address of the form host:port is tried once first.
+        if _host_and_port(address) and (refused := _connect_error(address)):
+            raise RayStartError(address, refused)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:
+            raise RayStartError(address, reason_of(exc)) from exc
     else:
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            object_store_memory=local_object_store_bytes(),
-            # Ray starts a worker per CPU for the first driver; the run's actors and tasks start their own anyway,
-            # and the idle ones' start-up (~1.5 s of CPU each) competed with the run's (W1 on Ray: 0.8 s slower).
-            _system_config={"prestart_worker_first_driver": False},
-        )
+        try:
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=local_object_store_bytes(),
+                # Ray starts a worker per CPU for the first driver; the run's actors and tasks start their own
+                # anyway, and the idle ones' start-up (~1.5 s of CPU each) competed with the run's (W1 on Ray: 0.8 s
+                # slower).
+                _system_config={"prestart_worker_first_driver": False},
+            )
+        except Exception as exc:
+            raise RayStartError(None, reason_of(exc)) from exc
         private = True
     if sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)
@@ -257,13 +268,26 @@ def _wait_gone(processes: dict[int, str], within_s: float) -> bool:
     return True
 
 
+def _host_and_port(address: str) -> bool:
+    """Whether ``address`` is a GCS address ``host:port`` (not ``auto``, ``local`` or a ``ray://`` client URL)."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and "/" not in address and port.isdigit()
+
+
 def _gcs_reachable(address: str) -> bool:
+    return _connect_error(address) is None
+
+
+def _connect_error(address: str) -> str | None:
+    """Why a TCP connection to ``address`` (``host:port``, an IPv6 host in brackets) fails; None when it opens."""
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return None
+    except ValueError:
+        return f"{port!r} is not a port"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def wait_watching_cluster(futures: list[Future], private: bool, every_s: float = 2.0) -> None:
