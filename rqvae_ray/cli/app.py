@@ -339,7 +339,10 @@ def _execute(
         if debug:
             raise
         console.error(f"{reason_of(exc)} (--debug for details; the run's log is {console.log_path})")
-        return _Outcome(1, "Ray did not start" if isinstance(exc, RayStartError) else "internal error", invalid)
+        if isinstance(exc, RayStartError):  # no model ran: each is counted, and listed in --summary-json, as failed
+            failed = [ModelResult(s.model_id, s.dataset_repo, ok=False, error=str(exc)) for s in specs]
+            return _Outcome(1, "Ray did not start", failed + invalid)
+        return _Outcome(1, "internal error", invalid)
     for result in results:
         if not result.ok:
             console.error(f"{result.model_id}: {result.error}")

@@ -32,7 +32,11 @@ def test_an_address_where_nothing_listens_fails_at_once_with_one_line(demo_hub, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert f"could not join the Ray cluster at {address} (Connection refused); check --address" in errors[0]
-    assert json.loads(summary.read_text())["exit_reason"] == "Ray did not start"
+    assert "0 of 1 models succeeded" in proc.stdout
+    report = json.loads(summary.read_text())
+    assert report["exit_reason"] == "Ray did not start"
+    assert [(m["model"], m["status"]) for m in report["models"]] == [(DEFAULT_MODELS[0], "FAILED")]
+    assert report["models"][0]["output"].startswith(f"could not join the Ray cluster at {address}")
     assert not list(tmp_path.rglob("codebooks-*"))
 
 
