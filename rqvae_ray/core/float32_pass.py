@@ -118,15 +118,16 @@ def _row_norms(block: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", block, block).astype(np.float64)) * slack
 
 
-def _pair_distances(book: np.ndarray) -> np.ndarray:
-    """float32 [K, K] upper bounds of ``|b - a|`` for every pair of codewords (symmetric).
+def _pair_distances(book: np.ndarray, squared_lengths: np.ndarray) -> np.ndarray:
+    """float32 [K, K] upper bounds of ``|b - a|`` for every pair of codewords (symmetric); ``squared_lengths``: each
+    codeword's ``|a|**2`` summed in float64.
 
     From ``|a|**2 + |b|**2 - 2 a.b`` in float64 ([K, K] memory, not [K, K, latent]), plus that sum's worst rounding,
     ``gamma(latent + 2) (|a| + |b|)**2``.
     """
     wide = book.astype(np.float64)
-    lengths = np.sqrt(np.einsum("ij,ij->i", wide, wide))
-    squares = lengths[:, None] ** 2 + lengths[None, :] ** 2 - 2.0 * (wide @ wide.T)
+    lengths = np.sqrt(squared_lengths)
+    squares = squared_lengths[:, None] + squared_lengths[None, :] - 2.0 * (wide @ wide.T)
     squares += _gamma(book.shape[1] + 2, U64) * (lengths[:, None] + lengths[None, :]) ** 2
     distances = np.sqrt(np.maximum(squares, 0.0)) * (1 + NORM_SLACK)
     return np.nextafter(distances.astype(np.float32), np.float32(np.inf))
@@ -184,7 +185,7 @@ class Float32Pass:
         self._book_norms = [n.astype(np.float32) for n in norms]
         self._radius = [float(np.sqrt(n.max())) * (1 + NORM_SLACK) for n in norms]
         # |b - a| for every pair of codewords (rounded up): how far a residual's error can move a's gap to b.
-        self._distances = [_pair_distances(book) for book in self._books]
+        self._distances = [_pair_distances(book, n) for book, n in zip(self._books, norms, strict=True)]
         self._spread = [float(d.max()) for d in self._distances]
         self._indices = [np.arange(len(book), dtype=np.int32)[:, None] for book in self._books]
         # What the float32 distances and their differences may round, in units of the terms' magnitudes.
