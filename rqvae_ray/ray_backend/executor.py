@@ -9,6 +9,7 @@ the datasets load in worker threads.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -104,8 +105,15 @@ class _RayStream(DatasetStream):
         reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, self.cluster)
         # Closed on the way out, error or not: an iterator of blocks left open (a failed dataset's error holds the
         # writing's frame) keeps Ray Data's execution and its encoder actors alive, and later pools wait for them.
-        with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options, self.cluster))) as blocks:
-            yield from self.writing.write(blocks)
+        try:
+            with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options, self.cluster))) as blocks:
+                yield from self.writing.write(blocks)
+        except BaseException:
+            # An execution ended early can leave an encoder actor's handle in a reference cycle of Ray Data's
+            # operators, which only a collection frees: the actor kept its CPU until the collector next ran (a writer
+            # killed mid-dataset, the collector off: a minute, until the test gave up).
+            gc.collect()
+            raise
 
     def finish(self) -> list[Published | Refused]:
         return self.writing.finish()

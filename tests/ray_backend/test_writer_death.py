@@ -36,7 +36,9 @@ def test_a_killed_writer_fails_the_dataset_with_one_line_to_rerun(demo_hub, loca
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    gc.disable()  # the execution must end because the run ends it, not when a collection frees what held it
+    # The execution must end because the run ends it (it collects once when a dataset fails), not whenever the
+    # collector next runs.
+    gc.disable()
     try:
         (result,) = run_models(specs, options)
         deadline = time.monotonic() + 60
