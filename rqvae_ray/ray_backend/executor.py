@@ -109,9 +109,10 @@ class _RayStream(DatasetStream):
             with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options, self.cluster))) as blocks:
                 yield from self.writing.write(blocks)
         except BaseException:
-            # An execution ended early can leave an encoder actor's handle in a reference cycle of Ray Data's
-            # operators, which only a collection frees: the actor kept its CPU until the collector next ran (a writer
-            # killed mid-dataset, the collector off: a minute, until the test gave up).
+            # An execution ended early with a task in flight leaves that task's callbacks, which hold its encoder
+            # actor's handle, in a reference cycle (Ray Data 2.60: DeferredEmit -> DataOpTask), which only a
+            # collection frees: the actor kept its CPU until the collector next ran (in 5 of 14 early ends of a bare
+            # Ray Data pipeline; the writer-death test, collector off, gave up after a minute once).
             gc.collect()
             raise
 
