@@ -8,8 +8,6 @@ the datasets load in worker threads.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -103,18 +101,8 @@ class _RayStream(DatasetStream):
         progress.note(f"{loaded.repo}: {plan.describe()}; {self.writing.describe()}")
         first = plan.pools[0]
         reserve_actors(first.num_cpus, first.num_gpus, plan.min_actors, options.actor_wait_s, self.cluster)
-        # Closed on the way out, error or not: an iterator of blocks left open (a failed dataset's error holds the
-        # writing's frame) keeps Ray Data's execution and its encoder actors alive, and later pools wait for them.
-        try:
-            with contextlib.closing(compat.block_refs(build_dataset(loaded, plan, options, self.cluster))) as blocks:
-                yield from self.writing.write(blocks)
-        except BaseException:
-            # An execution ended early with a task in flight leaves that task's callbacks, which hold its encoder
-            # actor's handle, in a reference cycle (Ray Data 2.60: DeferredEmit -> DataOpTask), which only a
-            # collection frees: the actor kept its CPU until the collector next ran (in 5 of 14 early ends of a bare
-            # Ray Data pipeline; the writer-death test, collector off, gave up after a minute once).
-            gc.collect()
-            raise
+        with compat.block_refs(build_dataset(loaded, plan, options, self.cluster)) as blocks:
+            yield from self.writing.write(blocks)
 
     def finish(self) -> list[Published | Refused]:
         return self.writing.finish()
