@@ -50,7 +50,7 @@ def block_refs(ds) -> Iterator[Iterator[tuple[object, tuple[int, int] | None]]]:
         blocks.close()
         gc.collect()
         raise
-    finally:
+    else:
         blocks.close()
 
 

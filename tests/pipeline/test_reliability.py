@@ -272,11 +272,10 @@ def _read_output(proc: subprocess.Popen) -> tuple[list[str], threading.Thread]:
 
 def _wait_for(state, proc: subprocess.Popen, lines: list[str], what: str, wait_s: float = 300) -> None:
     """Wait until ``state()`` holds while ``proc`` runs (its output goes to ``lines``); fail if it ends first."""
-    deadline = time.monotonic() + wait_s
-    while not state():
-        assert proc.poll() is None, f"the run ended before {what}: {''.join(lines)[-2000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {wait_s:.0f} s: {''.join(lines)[-2000:]}"
-        time.sleep(0.1)
+    if _until(state, proc, wait_s):
+        return
+    assert proc.poll() is None, f"the run ended before {what}: {''.join(lines)[-2000:]}"
+    pytest.fail(f"no {what} within {wait_s:.0f} s: {''.join(lines)[-2000:]}")
 
 
 def _until(state, proc: subprocess.Popen, wait_s: float = 300) -> bool:
