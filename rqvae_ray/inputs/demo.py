@@ -129,20 +129,32 @@ def tky_features(seed: int = 5331) -> tuple[np.ndarray, dict, list[tuple[str, in
     return features, metadata, mapping
 
 
-def _sq_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    return np.maximum((points**2).sum(1)[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None], 0.0)
+def _sq_distances(points: np.ndarray, centres: np.ndarray, points_sq: np.ndarray) -> np.ndarray:
+    """Squared distances by expansion; ``points_sq`` is ``(points**2).sum(1)``, computed once by the caller."""
+    return np.maximum(points_sq[:, None] - 2 * points @ centres.T + (centres**2).sum(1)[None], 0.0)
+
+
+def _nearest(points: np.ndarray, book: np.ndarray, rows: int = 64) -> np.ndarray:
+    """Index of each point's nearest codeword by exact differences, ``rows`` points at a time: the same sums as one
+    ``[points, codewords, latent]`` array (hundreds of MB for TKY), which made this most of a model's fitting time."""
+    nearest = np.empty(len(points), dtype=np.intp)
+    for start in range(0, len(points), rows):
+        chunk = points[start : start + rows]
+        nearest[start : start + rows] = np.square(chunk[:, None, :] - book[None]).sum(2).argmin(1)
+    return nearest
 
 
 def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 15) -> np.ndarray:
     """k-means++ then Lloyd iterations; an empty cluster is re-seeded at the point farthest from its centre."""
     centres = np.empty((k, points.shape[1]))
     centres[0] = points[rng.integers(len(points))]
-    d2 = _sq_distances(points, centres[:1])[:, 0]
+    points_sq = (points**2).sum(1)
+    d2 = _sq_distances(points, centres[:1], points_sq)[:, 0]
     for j in range(1, k):
         centres[j] = points[rng.choice(len(points), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(points))]
-        d2 = np.minimum(d2, _sq_distances(points, centres[j : j + 1])[:, 0])
+        d2 = np.minimum(d2, _sq_distances(points, centres[j : j + 1], points_sq)[:, 0])
     for _ in range(iterations):
-        dist = _sq_distances(points, centres)
+        dist = _sq_distances(points, centres, points_sq)
         assign = dist.argmin(1)
         counts = np.bincount(assign, minlength=k)
         sums = np.zeros_like(centres)
@@ -162,12 +174,13 @@ def _linear(rng: np.random.Generator, fan_in: int, fan_out: int) -> tuple[np.nda
 
 
 def fit_checkpoint(spec: ModelSpec, features: np.ndarray) -> dict:
-    """A published-layout checkpoint fitted to ``features`` (deterministic per model name)."""
+    """A published-layout checkpoint fitted to ``features`` (deterministic per model name; computed in float64, so
+    callers fitting several models pass float64 features once rather than a copy made per model)."""
     import torch
 
     rng = np.random.default_rng(zlib.crc32(spec.model_id.encode()))
     state: dict[str, np.ndarray] = {}
-    h = features.astype(np.float64)
+    h = np.asarray(features, dtype=np.float64)
     width = features.shape[1]
     for block, size in enumerate(HIDDEN):
         w, b = _linear(rng, width, size)
@@ -187,7 +200,7 @@ def fit_checkpoint(spec: ModelSpec, features: np.ndarray) -> dict:
     k = CODEBOOK_SIZE[spec.dataset]
     for level in range(LEVELS):
         book = _kmeans(residual, k, rng)
-        chosen = np.square(residual[:, None, :] - book[None]).sum(2).argmin(1)
+        chosen = _nearest(residual, book)
         residual = residual - book[chosen]
         prefix = f"quantizer.quantizers.{level}"
         state[f"{prefix}.vectors.weight"] = book
@@ -236,12 +249,13 @@ def build_demo_hub(hub: str | Path, models: tuple[str, ...] = DEFAULT_MODELS, pr
     for dataset in sorted({s.dataset for s in specs}):
         progress(f"demo hub: building {dataset} features")
         features, metadata, mapping = datasets[dataset]()
+        wide = features.astype(np.float64)
         for repo in sorted({s.dataset_repo for s in specs if s.dataset == dataset}):
             write_dataset(staging, repo, features, metadata, mapping)
         for spec in (s for s in specs if s.dataset == dataset):
             progress(f"demo hub: fitting {spec.model_id}")
             path = staging / "models" / spec.org / spec.name / CHECKPOINT_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(fit_checkpoint(spec, features), path)
+            torch.save(fit_checkpoint(spec, wide), path)
     staging.rename(target)
     return target
