@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import logging
@@ -440,8 +441,11 @@ def main() -> NoReturn:
     Once the models' files are published, Ray (when the run started or joined it) shuts down while the quality report
     is drawn; the process then ends at once, because the interpreter's own teardown of torch, Ray and Arrow takes
     seconds and does nothing for the user.
-    SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number.
+    SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number. A crash in native code (Ray's
+    core worker, Arrow, torch) first writes every thread's Python stack to standard error (the run's log while the
+    run's output goes there), so that a rare crash says where it happened.
     """
+    faulthandler.enable(all_threads=True)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_stop)
     _process_ends.set()

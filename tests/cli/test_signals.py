@@ -116,6 +116,23 @@ def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path, o
     assert gone, [p.cmdline()[:2] for p in group_members(run.proc.pid)]
 
 
+def test_a_crash_writes_every_threads_stack_to_the_runs_log(demo_hub, tmp_path):
+    """A segmentation fault (here sent while TKY is held at the gate) leaves the Python stacks of the run's threads in
+    its log, and the status says the process died of the signal."""
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "256"]
+    run = _Run([*args, "--log-file", str(log)], tmp_path)
+    try:
+        run.wait_until(lambda: bool(_hidden_files(out / "datasets" / "comp5331poi" / "tky")), "TKY's partial files")
+        code = run.stop(signal.SIGSEGV)
+    finally:
+        run.kill_group()
+    assert code == -signal.SIGSEGV, run.output()
+    text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text, text[-3000:]
+    assert "(most recent call first)" in text and "tests/gate.py" in text, text[-3000:]
+
+
 @pytest.mark.parametrize(
     ("exc", "signum"),
     [
