@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import gc
@@ -445,7 +446,9 @@ def main() -> NoReturn:
     core worker, Arrow, torch) first writes every thread's Python stack to standard error (the run's log while the
     run's output goes there), so that a rare crash says where it happened.
     """
-    faulthandler.enable(all_threads=True)
+    # Standard error closed or without a file descriptor: there is nowhere to write the stacks.
+    with contextlib.suppress(RuntimeError, ValueError, OSError, AttributeError):
+        faulthandler.enable(all_threads=True)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_stop)
     _process_ends.set()

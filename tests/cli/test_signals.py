@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,6 +132,13 @@ def test_a_crash_writes_every_threads_stack_to_the_runs_log(demo_hub, tmp_path):
     text = log.read_text()
     assert "Fatal Python error: Segmentation fault" in text, text[-3000:]
     assert "(most recent call first)" in text and "tests/gate.py" in text, text[-3000:]
+
+
+def test_a_closed_standard_error_leaves_the_crash_handler_out():
+    """With standard error closed there is nowhere to write the stacks: the command still runs (here its help)."""
+    command = f"{shlex.quote(sys.executable)} -m rqvae_ray.run --help 2>&-"
+    proc = subprocess.run(["sh", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Usage: rqvae-ray" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize(
