@@ -3,7 +3,9 @@ and stops, at the end of the process, what it started."""
 
 from __future__ import annotations
 
+import os
 import threading
+from typing import NoReturn
 
 from rqvae_ray.inputs.model_ids import ModelSpec
 from rqvae_ray.pipeline.executor import Executor, choose_executor, run_datasets
@@ -48,3 +50,15 @@ def begin_shutdown() -> threading.Event:
     from rqvae_ray.ray_backend.cluster import begin_stopping_ray
 
     return begin_stopping_ray()
+
+
+def end_process_now(code: int) -> NoReturn:
+    """End this process at once with status ``code``, threads of a stopped run possibly still inside Ray calls: a
+    private Ray's processes are killed once it has ended (see
+    :func:`rqvae_ray.ray_backend.cluster.kill_private_ray_at_exit`); a joined cluster sees this process end and ends
+    its work."""
+    if _ray_started.is_set():
+        from rqvae_ray.ray_backend.cluster import kill_private_ray_at_exit
+
+        kill_private_ray_at_exit()
+    os._exit(code)

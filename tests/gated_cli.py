@@ -7,20 +7,28 @@ once it has told every dataset to stop at its next block), the gate opens, so th
 block as an ungated run does, rather than staying stuck at the gate (which the run only gives up on after a while).
 The stop is already decided when the gate opens: every dataset stops at the first block it is let through, so none is
 finished by the rows let through.
+
+With ``GATED_CLI_CANCEL_WAIT_S`` set, the stopping run waits that long (instead of
+:data:`~rqvae_ray.pipeline.executor.CANCEL_WAIT_S`) for its datasets to stop before it gives up on them: 0 makes it
+give up on every dataset at once, whose threads are then still inside the executor's calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from rqvae_ray.cli import app
+from rqvae_ray.pipeline import executor
 from tests.gate import Gate
 
 
 def main() -> None:
     folder, input_dim, *args = sys.argv[1:]
     gate = Gate(folder, int(input_dim))
+    if (wait_s := os.environ.get("GATED_CLI_CANCEL_WAIT_S")) is not None:
+        executor.CANCEL_WAIT_S = float(wait_s)
     make_options, make_progress = app.make_options, app.make_progress
 
     def gated_options(**kwargs):

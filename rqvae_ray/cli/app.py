@@ -23,13 +23,13 @@ from rqvae_ray.cli.flags import HelpFlag, flag
 from rqvae_ray.cli.summary import table_text, write_summary_json
 from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.core.presets import presets_help, variable_length_warning
-from rqvae_ray.errors import RayConnectionLost, RayStartError, RqvaeRayError, StopSignal, reason_of
+from rqvae_ray.errors import RayConnectionLost, RayStartError, RqvaeRayError, StopSignal, error_chain, reason_of
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS
 from rqvae_ray.pipeline.options import ExecutorMode, PoolMode, RunOptions, check_setup, make_options
 from rqvae_ray.pipeline.progress import Progress
 from rqvae_ray.pipeline.results import ModelResult
-from rqvae_ray.runner import SHUTDOWN_WAIT_S, begin_shutdown, run_models
+from rqvae_ray.runner import SHUTDOWN_WAIT_S, begin_shutdown, end_process_now, run_models
 
 DEMO_HUB = Path("demo_hub")
 DEMO_OUT = Path("demo_out")
@@ -331,15 +331,17 @@ def _execute(
                 progress.stop()
     except RayConnectionLost as exc:
         _exit_now(console, str(exc), _Outcome(1, "lost the connection to the Ray cluster", invalid), summary_json)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        signum = _stop_signal(exc)
-        if signum is None:
+    except BaseException as exc:
+        signum = _stop_signal_in(exc)
+        if signum is not None:
+            if isinstance(exc, Exception):  # raised while the run was stopping: said in the log, not on the terminal
+                console.log_traceback(exc)
+            name = signal.Signals(signum).name
+            outcome = _Outcome(128 + signum, f"stopped by {name}", invalid)
+            _exit_now(console, _stopped_line(signum), outcome, summary_json)
+        if debug or not isinstance(exc, Exception):
             raise
-        name = signal.Signals(signum).name
-        _exit_now(console, _stopped_line(signum), _Outcome(128 + signum, f"stopped by {name}", invalid), summary_json)
-    except Exception as exc:
-        if debug:
-            raise
+        console.log_traceback(exc)
         console.error(f"{reason_of(exc)} (--debug for details; the run's log is {console.log_path})")
         if isinstance(exc, RayStartError):  # no model ran: each is counted, and listed in --summary-json, as failed
             failed = [ModelResult(s.model_id, s.dataset_repo, ok=False, error=str(exc)) for s in specs]
@@ -365,6 +367,15 @@ def _stop_signal(exc: KeyboardInterrupt | SystemExit) -> int | None:
     return signal.SIGTERM if exc.code == signal.SIGTERM else None
 
 
+def _stop_signal_in(exc: BaseException) -> int | None:
+    """The signal that stopped the run, when ``exc`` is that stop or was raised while the run was stopping (a stop
+    along its causes and contexts); None otherwise."""
+    for error in error_chain(exc):
+        if isinstance(error, (KeyboardInterrupt, SystemExit)) and (signum := _stop_signal(error)) is not None:
+            return signum
+    return None
+
+
 def _stopped_line(signum: int) -> str:
     """The one line a run stopped by ``signum`` prints."""
     why = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
@@ -372,8 +383,9 @@ def _stopped_line(signum: int) -> str:
 
 
 def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
-    """End a run stopped early: print ``line``, write ``--summary-json``, stop Ray (when this process started it) and
-    exit at once, because the dataset threads may still be inside Ray calls and nothing is left to wait for."""
+    """End a run stopped early: print ``line``, write ``--summary-json``, kill a private Ray's processes (without
+    leaving Ray: the dataset threads may still be inside Ray calls) and exit at once, as nothing is left to wait
+    for."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # the run is stopping already
     console.error(line)
@@ -383,7 +395,7 @@ def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: P
         pass  # _finish ends the command through typer; this process ends here instead
     for stream in (console.out, console.err, sys.stdout, sys.stderr):
         stream.flush()
-    _stop_ray_and_exit(outcome.code)
+    end_process_now(outcome.code)
 
 
 @functools.cache

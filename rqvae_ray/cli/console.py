@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -93,6 +94,15 @@ class RunConsole:
     def warn(self, text: str) -> None:
         """A problem that does not fail the run."""
         print(f"warning: {text}", file=self.err, flush=True)
+
+    def log_traceback(self, error: BaseException) -> None:
+        """Write ``error``'s traceback to the run's log (on the terminal when the run has none: ``--debug``)."""
+        text = "".join(traceback.format_exception(error))
+        if self.log_path is None:
+            print(text, file=self.err, end="", flush=True)
+            return
+        with self.log_path.open("a") as log:
+            log.write(text)
 
 
 class LiveProgress(Progress):

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -100,6 +101,8 @@ class DatasetWriter:
     """
 
     def __init__(self, output: DatasetOutput) -> None:
+        self._abort_lock = threading.Lock()
+        self._aborted = False
         self.repo = output.repo
         self.spec = output.spec
         self.num_pois = output.num_pois
@@ -291,12 +294,20 @@ class DatasetWriter:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def abort(self, keep_resume: bool = False) -> None:
-        """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes."""
-        self._stop_threads()
-        for sink in self.sinks:
-            sink.discard(keep_resume)
-        if self.root is not None and not self.published:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Drop every unpublished file; with ``keep_resume`` (an interrupted run) keep what the next run resumes.
+
+        Once only: a stopping run aborts a dataset that does not stop in time from its main thread, while the
+        dataset's own thread may reach its next block and abort too; the later call returns when the first is done.
+        """
+        with self._abort_lock:
+            if self._aborted:
+                return
+            self._aborted = True
+            self._stop_threads()
+            for sink in self.sinks:
+                sink.discard(keep_resume)
+            if self.root is not None and not self.published:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def repo_files(folder: Path, base_folder: str, entries: list[ManifestEntry]) -> list[tuple[Path, str]]:

@@ -227,6 +227,8 @@ def run_dataset(
     failure, commit = "", ""
     finished: list[Published | Refused] = []
     try:
+        if cancel.is_set():  # stopped while this dataset loaded: it starts nothing on the executor
+            raise Cancelled(repo)
         if ready:
             stream.open(dataset_output(loaded, options))
             progress.dataset_started(repo, pois, models)

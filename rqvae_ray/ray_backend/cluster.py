@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
@@ -215,6 +216,43 @@ def _shutdown_ray() -> None:
             return
     _kill(_alive(ours))
     _wait_gone(ours, RAY_EXIT_GRACE_S)
+
+
+# Waits until the process that started it has ended (its one end of the pipe on standard input closes), then kills
+# the processes named in its arguments. Within milliseconds of that end, none of their pids has been reused.
+_REAPER = 'read -r _; kill -9 "$@" 2>/dev/null'
+_reapers: list[subprocess.Popen] = []  # held until this process ends: each one's pipe closes with it
+
+
+def kill_private_ray_at_exit() -> None:
+    """Have the processes of the private local Ray this process started killed as soon as this process has ended
+    (nothing when it joined a cluster); the caller ends the process right after.
+
+    For a process that ends while threads of a stopped run may still be inside Ray calls (its datasets did not stop
+    in time): leaving Ray under them (``ray.shutdown()``) makes Ray's core worker end the process itself, with status
+    1, SIGABRT or SIGSEGV (seen with a dataset still starting its actors), and so does its raylet's death if this
+    process kills it first and is slow to exit after. So a small shell waits for this process to end, then kills
+    them: the node's own processes (GCS, raylet) are tied to this process by Ray and die with it anyway, but the
+    raylet's agents and workers would outlive it (30 s and more). Without a shell they are killed at once, the
+    node's own last.
+    """
+    from rqvae_ray.ray_backend import compat
+
+    pids = _alive(_local_ray_processes())
+    if not pids:
+        return
+    try:
+        reaper = subprocess.Popen(
+            ["/bin/sh", "-c", _REAPER, "rqvae_ray-reaper", *map(str, pids)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        node = compat.local_node_pids()
+        _kill(sorted(pids, key=lambda pid: pid in node))
+        return
+    _reapers.append(reaper)
 
 
 def _kill(pids: Iterable[int]) -> None:

@@ -397,6 +397,40 @@ def test_an_interruption_keeps_the_resume_state_and_a_failure_drops_it(tmp_path)
             assert names == []
 
 
+def test_two_aborts_at_once_drop_the_files_once_and_the_later_returns_when_they_are_gone(tmp_path):
+    """A stopping run aborts a dataset that does not stop in time from its main thread while the dataset's own thread
+    may abort it too: the sinks are discarded once, and neither call returns before the files are dropped."""
+    spec = OutputSpec()
+    writer = dataset_writer(REPO, _resumable_targets(OutputFormat.CSV), str(tmp_path), spec, N)
+    writer.write(_encode(_blocks([100, 140]), spec, packed=True)[0])
+    first_sink, discard = writer.sinks[0], writer.sinks[0].discard
+    entered, release, calls, left = threading.Event(), threading.Event(), [], {}
+
+    def held_discard(keep_resume: bool = False) -> None:
+        calls.append(keep_resume)
+        entered.set()
+        assert release.wait(60)
+        discard(keep_resume)
+
+    first_sink.discard = held_discard
+
+    def abort(name: str) -> None:
+        writer.abort(keep_resume=True)
+        left[name] = sorted(p.name for p in _folder(tmp_path).iterdir() if p.name.endswith(".partial"))
+
+    first = threading.Thread(target=abort, args=("first",))
+    first.start()
+    assert entered.wait(60)
+    second = threading.Thread(target=abort, args=("second",))
+    second.start()
+    release.set()
+    for thread in (first, second):
+        thread.join(60)
+        assert not thread.is_alive()
+    assert calls == [True]
+    assert left == {"first": [], "second": []}
+
+
 def test_a_resume_state_whose_journal_was_replaced_or_cut_is_dropped(tmp_path):
     spec = OutputSpec()
     writer = dataset_writer(REPO, _resumable_targets(OutputFormat.CSV), str(tmp_path), spec, N)

@@ -190,6 +190,43 @@ def test_the_executor_prepares_in_the_main_thread_before_any_dataset_loads_when_
         assert events == ["load", "load", "prepare", "start"]
 
 
+def test_a_dataset_that_finishes_loading_after_the_stop_starts_nothing_on_the_executor(demo_hub, tmp_path, monkeypatch):
+    """Its thread is past the run's wait for its datasets: anything it started now (on Ray: a Ray Data execution, its
+    actors) would run on while the process ends."""
+    import threading
+
+    from rqvae_ray.pipeline import executor as executor_module
+
+    stopped, opened = threading.Event(), []
+    load = executor_module.load_dataset
+
+    def load_after_the_stop(*args, **kwargs):
+        assert stopped.wait(60)
+        return load(*args, **kwargs)
+
+    class Interrupted(LocalExecutor):
+        def wait(self, futures) -> None:
+            raise KeyboardInterrupt
+
+        def dataset(self, datasets: int):
+            stream = super().dataset(datasets)
+            stream.open = lambda output: opened.append(output.repo)
+            return stream
+
+    class Stops(Progress):
+        def stopping(self) -> None:
+            stopped.set()
+
+    monkeypatch.setattr(executor_module, "load_dataset", load_after_the_stop)
+    monkeypatch.setattr(executor_module, "CANCEL_WAIT_S", 60.0)  # the dataset is waited for: it ends by itself
+    specs = parse_model_ids([DEFAULT_MODELS[0]])
+    options = RunOptions(hub=LocalHub(demo_hub), out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_datasets(specs, options, Stops(lambda _: None), lambda _rows: Interrupted())
+    assert opened == []
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 @pytest.mark.parametrize("lost", [False, True])
 def test_a_lost_cluster_waits_less_for_its_datasets_than_an_interrupt(demo_hub, tmp_path, monkeypatch, lost):
     """After Ctrl-C the datasets get a few seconds to stop at their next block; after a lost cluster, whose calls never

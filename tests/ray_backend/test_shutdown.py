@@ -1,8 +1,11 @@
 """Stopping a private local Ray: its processes that outlive ``ray.shutdown()`` are killed after a short grace; when its
-GCS no longer answers, they are killed without a ``ray.shutdown()`` that would wait on it."""
+GCS no longer answers, they are killed without a ``ray.shutdown()`` that would wait on it; a process that ends while
+its threads may still use Ray kills them without leaving Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +16,8 @@ import ray
 
 from rqvae_ray.errors import RayConnectionLost
 from rqvae_ray.ray_backend import cluster, compat
+from tests.conftest import REPO
+from tests.processes import group_empty_within, group_members
 
 # A process that ignores SIGTERM and would run for a minute: what a Ray worker slow to notice its raylet is gone looks
 # like from outside.
@@ -101,3 +106,62 @@ def test_a_gcs_that_refuses_connections_ends_the_wait_after_one_miss_when_privat
     with pytest.raises(RayConnectionLost):
         cluster.wait_watching_cluster([Future()], private, every_s=0.01)
     assert len(made) == checks
+
+
+# A private Ray (the command line's) and a thread that keeps using it, its objects put, read and freed, as the thread
+# of a stopped run's dataset that did not stop in time; the process then ends as a stopped run does.
+BUSY_THEN_STOPPED = r"""
+import os, threading
+import ray
+from rqvae_ray.ray_backend.cluster import kill_private_ray_at_exit, start_ray
+
+start_ray(None)
+using = threading.Event()
+
+def use_ray():
+    held = []
+    while True:
+        held = [ray.put(b"block"), *held[:7]]
+        ray.get(held)
+        using.set()
+
+threading.Thread(target=use_ray, daemon=True).start()
+using.wait()
+kill_private_ray_at_exit()
+os._exit(143)
+"""
+
+
+def test_a_process_ending_under_a_thread_still_using_ray_keeps_its_status_and_leaves_no_ray_process(own_ray):
+    """The process keeps its own status (leaving Ray under such threads, ``ray.shutdown()``, let Ray's core worker end
+    a stopped run with status 1, SIGABRT or SIGSEGV in 9 of 20 runs whose datasets were given up on at once) and its
+    Ray's processes end with it (left alone, the raylet's agents outlived it by 30 s and more)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUSY_THEN_STOPPED], cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+        gone = group_empty_within(proc.pid, 20)
+        left = [p.cmdline()[:2] for p in group_members(proc.pid)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert gone, left
+
+
+def test_without_a_shell_to_wait_for_the_process_its_ray_is_killed_at_once(monkeypatch):
+    parent = _stubborn_tree()
+
+    def no_shell(*_args, **_kwargs):
+        raise FileNotFoundError("/bin/sh")
+
+    try:
+        monkeypatch.setattr(compat, "local_node_pids", lambda: {parent.pid})
+        monkeypatch.setattr(subprocess, "Popen", no_shell)
+        tree = cluster._local_ray_processes()
+        cluster.kill_private_ray_at_exit()
+        assert parent.wait(timeout=10) == -signal.SIGKILL
+        assert cluster._wait_gone(tree, 10)
+    finally:
+        parent.kill()
