@@ -1,12 +1,23 @@
 """The encoder alone: exactness against the reference, batch invariance (CPU and device paths), input layouts,
 device choice."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from rqvae_ray.core.checkpoint import load_checkpoint_file
-from rqvae_ray.core.encoder import CHUNK_ROWS, FIRST_LAYER_ROWS, Encoder, SparseRows, TorchEncoder, choose_device
+from rqvae_ray.core.encoder import (
+    CHUNK_ROWS,
+    FIRST_LAYER_ROWS,
+    Encoder,
+    SparseRows,
+    TorchEncoder,
+    choose_device,
+    cuda_driver_loads,
+    make_encoder,
+)
 from rqvae_ray.core.rows import rows_from_table, sparse_table
 from tests.reference import reference_sids
 
@@ -152,6 +163,20 @@ def test_cuda_codes_match_cpu(demo_hub, dataset, model):
 )
 def test_device_choice(gpu_ids, cuda, device):
     assert choose_device(gpu_ids, cuda) == device
+
+
+def test_cuda_is_never_available_where_the_driver_does_not_load():
+    assert cuda_driver_loads() or not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(cuda_driver_loads(), reason="the NVIDIA driver is here: a GPU actor imports torch")
+def test_a_gpu_actor_without_the_driver_encodes_with_numpy_without_importing_torch(demo_hub, monkeypatch):
+    """What a fake-GPU actor of a simulated cluster (or a GPU asked for on a CPU-only node) does."""
+    _, path = _load(demo_hub, "nyc", "rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    weights = load_checkpoint_file(path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # an import of torch now fails
+    encoder = make_encoder(weights, use_gpu=True)
+    assert type(encoder) is Encoder
 
 
 def test_column_outside_input_dimension(demo_hub):
