@@ -107,7 +107,8 @@ def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path, o
     replaces with its own again once Ray is up. The run here gives up on its datasets at once, as on datasets that do
     not stop in time: their threads are still inside Ray's calls (a dataset starting its actors, TKY's at its next
     block) while it drops their files and ends. Leaving Ray under them made Ray's core worker end the process itself
-    after the stop line (status 1, SIGABRT or SIGSEGV: 9 of 20 runs), and two aborts of one dataset at once raised."""
+    after the stop line (status 1, SIGABRT or SIGSEGV: 9 of 20 runs), and let the main thread and a dataset's own
+    thread abort the dataset at the same time."""
     out, summary = tmp_path / "out", tmp_path / "summary.json"
     args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "ray", "--batch-size", "256"]
     # TKY held at the gate: the run goes on
