@@ -383,9 +383,9 @@ def _stopped_line(signum: int) -> str:
 
 
 def _exit_now(console: RunConsole, line: str, outcome: _Outcome, summary_json: Path | None) -> NoReturn:
-    """End a run stopped early: print ``line``, write ``--summary-json``, kill a private Ray's processes (without
-    leaving Ray: the dataset threads may still be inside Ray calls) and exit at once, as nothing is left to wait
-    for."""
+    """End a run stopped early: print ``line``, write ``--summary-json`` and exit at once, as nothing is left to wait
+    for, without leaving Ray first (the dataset threads may still be inside Ray calls): a private Ray's processes are
+    killed once the process has ended (see :func:`rqvae_ray.runner.end_process_now`)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # the run is stopping already
     console.error(line)
