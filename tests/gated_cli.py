@@ -8,6 +8,10 @@ block as an ungated run does, rather than staying stuck at the gate (which the r
 The stop is already decided when the gate opens: every dataset stops at the first block it is let through, so none is
 finished by the rows let through.
 
+SIGINT gets Python's own handler (KeyboardInterrupt), as in a terminal's foreground job, whatever started the suite: a
+background job of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored, so that a test's
+Ctrl-C would do nothing (seen: both SIGINT tests waited out their 120 s).
+
 With ``GATED_CLI_CANCEL_WAIT_S`` set, the stopping run waits that long (instead of
 :data:`~rqvae_ray.pipeline.executor.CANCEL_WAIT_S`) for its datasets to stop before it gives up on them: 0 makes it
 give up on every dataset at once, whose threads are then still inside the executor's calls.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 from rqvae_ray.cli import app
@@ -25,6 +30,7 @@ from tests.gate import Gate
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     folder, input_dim, *args = sys.argv[1:]
     gate = Gate(folder, int(input_dim))
     if (wait_s := os.environ.get("GATED_CLI_CANCEL_WAIT_S")) is not None:

@@ -318,33 +318,36 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(
     args = [*INTERRUPTED_MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--batch-size", "256"]
     gate = GateControl(tmp_path / "gate")  # TKY's encoders wait there: TKY cannot finish before the test lets it
     proc = _start_cli([*args, "--executor", executor], gate)
-    lines, _ = _read_output(proc)
-    # Interrupted once NYC is published and TKY is being written (its resume state exists), with at most half of
-    # TKY let through the gate: states, not timing.
-    _wait_for(lambda: _published(nyc_file), proc, lines, "NYC was published")
-    gate.open_until(
-        lambda: tky.is_dir() and bool(list(tky.glob(".codebooks-*.resume.json"))),
-        lambda: proc.poll() is None,
-        limit=TKY_POIS // 2,
-        what="TKY's resume state",
-        output=lambda: "".join(lines)[-2000:],
-    )
-    assert proc.poll() is None, f"the run ended before it was interrupted: {''.join(lines)[-2000:]}"
-    if sig == signal.SIGKILL:
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
-    output = "".join(lines)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130, output[-2000:]
-        # Ray is shut down before the driver exits: none of the run's processes (its process group) lives on.
-        assert group_empty_within(proc.pid, 20), [p.cmdline()[:2] for p in group_members(proc.pid)]
-        assert not list(out.rglob("*.partial")), "an interrupted run left partial files behind"
+    # Killed in the end whatever happens: a run that outlived a failed check must not stay behind (with its Ray).
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        lines, _ = _read_output(proc)
+        # Interrupted once NYC is published and TKY is being written (its resume state exists), with at most half of
+        # TKY let through the gate: states, not timing.
+        _wait_for(lambda: _published(nyc_file), proc, lines, "NYC was published")
+        gate.open_until(
+            lambda: tky.is_dir() and bool(list(tky.glob(".codebooks-*.resume.json"))),
+            lambda: proc.poll() is None,
+            limit=TKY_POIS // 2,
+            what="TKY's resume state",
+            output=lambda: "".join(lines)[-2000:],
+        )
+        assert proc.poll() is None, f"the run ended before it was interrupted: {''.join(lines)[-2000:]}"
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        output = "".join(lines)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130, output[-2000:]
+            # Ray is shut down before the driver exits: none of the run's processes (its process group) lives on.
+            assert group_empty_within(proc.pid, 20), [p.cmdline()[:2] for p in group_members(proc.pid)]
+            assert not list(out.rglob("*.partial")), "an interrupted run left partial files behind"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert group_empty_within(proc.pid, 60)
     _assert_complete(out)
     assert not [p for p in _visible_files(out) if "tky" in p.parts], "a TKY output was published before it was complete"
