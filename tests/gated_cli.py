@@ -8,9 +8,11 @@ block as an ungated run does, rather than staying stuck at the gate (which the r
 The stop is already decided when the gate opens: every dataset stops at the first block it is let through, so none is
 finished by the rows let through.
 
-SIGINT gets Python's own handler (KeyboardInterrupt), as in a terminal's foreground job, whatever started the suite: a
-background job of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored, so that a test's
-Ctrl-C would do nothing (seen: both SIGINT tests waited out their 120 s).
+The run starts with the signals of a terminal's foreground job, whatever started the suite: SIGINT with Python's own
+handler (KeyboardInterrupt), SIGTERM and SIGHUP at their defaults. A background job of a non-interactive shell inherits
+SIGINT ignored and ``nohup`` SIGHUP, which the command then leaves ignored, so that a test's signal would do nothing
+(seen: both SIGINT tests waited out their 120 s). ``GATED_CLI_IGNORED_SIGNALS`` (names, comma-separated, say
+``SIGHUP`` as ``nohup`` does) starts it with those ignored instead.
 
 With ``GATED_CLI_CANCEL_WAIT_S`` set, the stopping run waits that long (instead of
 :data:`~rqvae_ray.pipeline.executor.CANCEL_WAIT_S`) for its datasets to stop before it gives up on them: 0 makes it
@@ -31,6 +33,10 @@ from tests.gate import Gate
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    for name in filter(None, os.environ.get("GATED_CLI_IGNORED_SIGNALS", "").split(",")):
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
     folder, input_dim, *args = sys.argv[1:]
     gate = Gate(folder, int(input_dim))
     if (wait_s := os.environ.get("GATED_CLI_CANCEL_WAIT_S")) is not None:

@@ -430,6 +430,15 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise StopSignal(signum)
 
 
+def _install_stop_handlers() -> None:
+    """Stop the run on each of :data:`STOP_SIGNALS`, except those ignored when the command started: a signal ignored
+    then stays ignored, as Python leaves Ctrl-C under ``nohup`` or in a background job, so that a run started with
+    ``nohup`` outlives its terminal's hang-up (SIGHUP)."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_stop)
+
+
 def _report(console: RunConsole, results: list[ModelResult], folder: Path | None) -> None:
     """Print the SID quality table and write the run's JSON + PNG report (a report failure is only a warning)."""
     from rqvae_ray.cli.report import quality_table, write_quality_report
@@ -454,15 +463,15 @@ def main() -> NoReturn:
     Once the models' files are published, Ray (when the run started or joined it) shuts down while the quality report
     is drawn; the process then ends at once, because the interpreter's own teardown of torch, Ray and Arrow takes
     seconds and does nothing for the user.
-    SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number. A crash in native code (Ray's
+    SIGTERM and SIGHUP stop a run as Ctrl-C does, with status 128 + the signal's number, unless the command started
+    with them ignored (see :func:`_install_stop_handlers`). A crash in native code (Ray's
     core worker, Arrow, torch) first writes every thread's Python stack to standard error (the run's log while the
     run's output goes there), so that a rare crash says where it happened.
     """
     # Standard error closed or without a file descriptor: there is nowhere to write the stacks.
     with contextlib.suppress(RuntimeError, ValueError, OSError, AttributeError):
         faulthandler.enable(all_threads=True)
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_stop)
+    _install_stop_handlers()
     _process_ends.set()
     try:
         app(prog_name="rqvae-ray")

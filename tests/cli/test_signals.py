@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rqvae_ray.cli.app import _stop_signal, _stop_signal_in
+from rqvae_ray.cli.app import _install_stop_handlers, _raise_stop, _stop_signal, _stop_signal_in
+from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.errors import StopSignal
-from rqvae_ray.inputs.model_ids import DEFAULT_MODELS
+from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
+from rqvae_ray.outputs.layout import codebooks_filename, output_dir
 from tests.conftest import REPO
 from tests.gate import TKY_INPUT_DIM, GateControl
 from tests.processes import group_empty_within, group_members
@@ -100,6 +102,48 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(demo_hub, tmp_path, name):
         run.kill_group()
     _stopped(run, summary, out, code, name)
     assert list(out.rglob(".*.resume.json")), "the resume state of the stopped run was not kept"
+
+
+def test_a_run_started_under_nohup_outlives_a_hang_up(demo_hub, demo_run, tmp_path):
+    """``nohup`` starts a run with SIGHUP ignored: the terminal's hang-up must not stop it (it did: the command put its
+    own handler in place of the ignore). A hang-up while TKY is held at the gate, then the gate opened: the run ends
+    as if nothing had happened, every file as the demo run wrote it."""
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "256"]
+    run = _Run([*args, "--summary-json", str(summary)], tmp_path, env={"GATED_CLI_IGNORED_SIGNALS": "SIGHUP"})
+    try:
+        run.wait_until(lambda: bool(_hidden_files(out / "datasets" / "comp5331poi" / "tky")), "TKY's partial files")
+        assert run.proc.poll() is None, run.output()
+        run.proc.send_signal(signal.SIGHUP)
+        run.gate.allow(10**9)
+        code = run.proc.wait(timeout=WAIT_S)
+    finally:
+        run.kill_group()
+    assert code == 0, run.output()
+    assert json.loads(summary.read_text())["exit_code"] == 0
+    reference, _ = demo_run
+    for spec in parse_model_ids(MODELS):
+        name = codebooks_filename(spec.name, OutputFormat.CSV)
+        written = output_dir(out, spec.dataset_repo, "LLM Dataset") / name
+        assert written.read_bytes() == (output_dir(reference, spec.dataset_repo, "LLM Dataset") / name).read_bytes()
+    assert not _hidden_files(out)
+
+
+@pytest.fixture
+def stop_signals_restored():
+    """The stop signals' handlers of this process, put back after the test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_stop_signal_ignored_at_start_stays_ignored(stop_signals_restored):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _install_stop_handlers()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is _raise_stop
 
 
 def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path, own_ray):
