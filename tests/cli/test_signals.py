@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from rqvae_ray.cli.app import _install_stop_handlers, _raise_stop, _stop_signal, _stop_signal_in
-from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.errors import StopSignal
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_ids
-from rqvae_ray.outputs.layout import codebooks_filename, output_dir
+from rqvae_ray.outputs.layout import output_dir
 from tests.conftest import REPO
 from tests.gate import TKY_INPUT_DIM, GateControl
 from tests.processes import group_empty_within, group_members
+from tests.writing import csv_name
 
 WAIT_S = 300.0
 MODELS = [DEFAULT_MODELS[0], *DEFAULT_MODELS[8:10]]  # one NYC model, two TKY models
@@ -121,11 +121,10 @@ def test_a_run_started_under_nohup_outlives_a_hang_up(demo_hub, demo_run, tmp_pa
         run.kill_group()
     assert code == 0, run.output()
     assert json.loads(summary.read_text())["exit_code"] == 0
-    reference, _ = demo_run
+    ref, _ = demo_run
     for spec in parse_model_ids(MODELS):
-        name = codebooks_filename(spec.name, OutputFormat.CSV)
-        written = output_dir(out, spec.dataset_repo, "LLM Dataset") / name
-        assert written.read_bytes() == (output_dir(reference, spec.dataset_repo, "LLM Dataset") / name).read_bytes()
+        written, want = (output_dir(root, spec.dataset_repo, "LLM Dataset") / csv_name(spec) for root in (out, ref))
+        assert written.read_bytes() == want.read_bytes()
     assert not _hidden_files(out)
 
 
