@@ -168,13 +168,18 @@ def test_sigterm_stops_a_ray_run_and_leaves_no_ray_process(demo_hub, tmp_path, o
 
 def test_a_crash_writes_every_threads_stack_to_the_runs_log(demo_hub, tmp_path):
     """A segmentation fault (here sent while TKY is held at the gate) leaves the Python stacks of the run's threads in
-    its log, and the status says the process died of the signal. TKY's partial files can appear before its first
-    batch reaches the gate, so the stacks looked for are the main thread's and the dataset threads' pool."""
+    its log, and the status says the process died of the signal. Sent once NYC is published and both TKY models have
+    their encoders (their batches then wait at the gate): Python's dump reads each thread's frames as they are, and
+    sent while NYC was still encoding and a TKY encoder being built, the dump once ended in the middle of a working
+    thread's frames (a fresh-clone CI run), before the main thread's stack, which comes last."""
     out, log = tmp_path / "out", tmp_path / "run.log"
     args = [*MODELS, "--hub-dir", str(demo_hub), "--out-dir", str(out), "--executor", "local", "--batch-size", "256"]
+    nyc = output_dir(out, "comp5331poi/nyc", "LLM Dataset") / csv_name(parse_model_ids(MODELS[:1])[0])
     run = _Run([*args, "--log-file", str(log)], tmp_path)
     try:
-        run.wait_until(lambda: bool(_hidden_files(out / "datasets" / "comp5331poi" / "tky")), "TKY's partial files")
+        run.wait_until(
+            lambda: nyc.is_file() and len(run.gate.passed()) == len(MODELS) - 1, "NYC published and TKY at the gate"
+        )
         code = run.stop(signal.SIGSEGV)
     finally:
         run.kill_group()
