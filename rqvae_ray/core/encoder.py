@@ -93,6 +93,10 @@ class SparseRows:
     def num_rows(self) -> int:
         return len(self.indptr) - 1
 
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.indices.nbytes + (0 if self.values is None else self.values.nbytes)
+
     @classmethod
     def from_dense(cls, dense: np.ndarray, chunk_elements: int = 1 << 24) -> SparseRows:
         """CSR form of a dense 2-D array (explicit zeros dropped), values in its dtype.

@@ -28,6 +28,15 @@ def read_on_this_node(source, blocks: int, this_node_only: bool, reads_without_c
     return ray.data.read_datasource(source, label_selector=here, override_num_blocks=blocks, **limits)
 
 
+def from_blocks(blocks: list):
+    """A dataset of exactly these blocks, put into the object store by this process with their metadata computed here,
+    so that no task runs (``ray.data.from_blocks``, a DeveloperAPI in Ray 2.60; ``from_arrow`` runs a task per block
+    for its metadata)."""
+    import ray.data
+
+    return ray.data.from_blocks(blocks)
+
+
 def cut_blocks(ds, rows: int):
     """``ds`` with its blocks cut (or joined) into blocks of ``rows`` rows, in order: Ray Data's streaming repartition
     (``Dataset.repartition(target_num_rows_per_block=...)``, experimental in Ray 2.60; its tasks take a CPU each)."""

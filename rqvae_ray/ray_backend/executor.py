@@ -1,4 +1,5 @@
-"""The Ray executor: each dataset's blocks stream from a Ray Data datasource through its encoder actor pools (see
+"""The Ray executor: each dataset's blocks stream from the object store or a Ray Data datasource (see
+:mod:`rqvae_ray.ray_backend.datasource`) through its encoder actor pools (see
 :mod:`rqvae_ray.ray_backend.plan`) to its writers (see :mod:`rqvae_ray.ray_backend.writing`): writer actors, which
 receive object references only, or, on a private Ray, this process, one block at a time.
 

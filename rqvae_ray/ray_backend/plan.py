@@ -123,8 +123,9 @@ def task_rows(shards: bool, fmt: OutputFormat, block_rows: int) -> int | None:
     size of *input*. CSV's blocks (16 MiB, about one batch's CSV) then hold ~229k POIs of a Parquet shard, each ~56
     blocks of CSV out; with rows kept in order, one actor's finished blocks wait for the other actor's task, Ray Data's
     share of the store fills, and both actors sit idle (1 M POIs: 8 tasks, the machine ~70 % idle for seconds). Cut
-    into blocks of a few batches, as in-memory rows already are (a read piece holds that many), tasks stay small.
-    Parquet output (4 MiB blocks, ~6x the input) keeps its read blocks: cutting them cost it ~1 s and gained nothing.
+    into blocks of a few batches (rows in memory come in blocks of one batch, or read pieces of a few), tasks stay
+    small. Parquet output (4 MiB blocks, ~6x the input) keeps its read blocks: cutting them cost it ~1 s and gained
+    nothing.
     """
     if shards and fmt is OutputFormat.CSV:
         return block_rows * MEMORY_BLOCKS_PER_PIECE

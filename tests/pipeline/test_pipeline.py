@@ -211,4 +211,4 @@ def test_parquet_shards_written_as_csv_reach_the_pool_in_blocks_of_a_few_batches
         assert cut == 2000 and f"StreamingRepartition[num_rows_per_block={cut}," in shown, shown
     else:
         assert cut is None and "Repartition" not in shown, shown
-    assert task_rows(False, OutputFormat.CSV, 500) is None  # in-memory rows are read in pieces of a few batches
+    assert task_rows(False, OutputFormat.CSV, 500) is None  # rows in memory come in blocks of one batch or a few
