@@ -1,7 +1,9 @@
 """The floor of any Ray Data run on this machine, the third system of W1: start a private local Ray the way the
 product does, stream N rows (by default W1's 13,035 POIs) through one actor pool of one actor whose constructor
-imports numpy and pyarrow, and stop Ray the way the product's command line does. No model, no file: what is left of
-a run when its own work is taken away.
+imports numpy and pyarrow, and stop Ray the way the product's command line does. The rows enter Ray as the product's
+rows in memory do: blocks this process puts into the object store, no task (``ray.data.from_arrow``, used here until
+2026-12-06, runs a task per block for its metadata, and their worker processes cost ~3 CPU-seconds, ~1.7 s of the
+floor's ~8 s on 2 cores). No model, no file: what is left of a run when its own work is taken away.
 
 Run: ``python -m benchmarks.floor [--rows N] [--batch-size B]``.
 """
@@ -33,18 +35,18 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import pyarrow as pa
 
+    from rqvae_ray.ray_backend import compat
     from rqvae_ray.ray_backend.cluster import begin_stopping_ray, configure_data_context, start_ray
 
     start_ray(None)
     configure_data_context()
-    import ray.data
     from ray.data import ActorPoolStrategy
 
     blocks = [
         pa.table({"Pid": np.arange(start + 1, min(start + args.batch_size, args.rows) + 1, dtype=np.int64)})
         for start in range(0, args.rows, args.batch_size)
     ]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = compat.from_blocks(blocks).map_batches(
         Touch, batch_size=args.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=0.5
     )
     rows = sum(bundle.num_rows() for bundle in ds.iter_internal_ref_bundles())
