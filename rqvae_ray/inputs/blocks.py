@@ -1,6 +1,7 @@
 """The one reader of a dataset's rows in Pid order, as blocks of a fixed number of POIs: from the rows in memory
 (``poi_features.pt``) or straight from the Parquet shards. Each executor reads through it: the in-process one calls
-:func:`iter_blocks`; Ray's read tasks each take one :func:`pieces` entry."""
+:func:`iter_blocks`, as the Ray executor does for rows in memory it puts into the object store itself; Ray's read
+tasks each take one :func:`pieces` entry."""
 
 from __future__ import annotations
 
