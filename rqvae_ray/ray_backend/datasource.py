@@ -18,8 +18,8 @@ from rqvae_ray.inputs.features import PoiFeatures
 from rqvae_ray.ray_backend import compat
 
 # Rows in memory up to this size go into the object store at once, from this process: the worker process of a read
-# task costs ~1.5 CPU-seconds to start (W1 on Ray, 2 cores: 9.1 s instead of 10.9 s, medians of 5). Larger ones go
-# through read tasks, a few at a time, so that the store never holds them all.
+# task costs ~1.5 CPU-seconds to start (W1 on Ray, 2 cores, medians of 5: 9.1 s instead of 10.9 s, 9.7 s instead of
+# 10.1 s). Larger ones go through read tasks, a few at a time, so that the store never holds them all.
 UP_FRONT_BYTES = 64 << 20
 
 
