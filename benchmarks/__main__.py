@@ -33,6 +33,9 @@ W1_RAY_FLOOR_GOAL = 1.2
 # W2 goals: ours/baseline wall time at most this per output format, peak PSS of all processes, its growth with N.
 W2_WALL_GOALS = {"csv": 0.6, "parquet": 0.67}
 W2_MEMORY_GOAL = 2 * GIB
+# Ours at most this many times this machine's floor for the job (see :func:`_job_floor`).
+W2_JOB_FLOOR_GOAL = 1.15
+FLOOR_RUNS = 3
 FLAT_TOLERANCE = 1.05
 CODE_GOAL = 0.999
 # The ceiling: streaming SID rows at most this many times the disk's time for the same bytes.
@@ -278,6 +281,62 @@ def _goal(label: str, passed: bool, detail: str) -> None:
     typer.echo(f"  [{'PASS' if passed else 'FAIL'}] {label}: {detail}")
 
 
+@dataclass
+class JobFloor:
+    """This machine's floor for a job of ``sid_rows`` SID rows: the encoder's CPU seconds for every row divided by
+    the cores, plus the floor of Ray Data (:mod:`benchmarks.floor`, the median of its runs), measured in one sitting."""
+
+    sid_rows: int
+    cpu_s_per_sid_row: float | None
+    cores: int
+    ray_data: SystemResult
+
+    @property
+    def ok(self) -> bool:
+        return self.cpu_s_per_sid_row is not None and self.ray_data.ok
+
+    @property
+    def encode_s(self) -> float:
+        return self.sid_rows * self.cpu_s_per_sid_row / self.cores
+
+    @property
+    def wall_s(self) -> float:
+        return self.encode_s + self.ray_data.wall_s
+
+    def describe(self) -> str:
+        return (
+            f"{self.wall_s:.1f}s = {self.sid_rows:,} SID rows x {1e6 * self.cpu_s_per_sid_row:.2f} us / "
+            f"{self.cores} cores + Ray Data's floor {self.ray_data.wall_s:.1f}s"
+        )
+
+    def summary(self) -> dict:
+        if not self.ok:
+            return {"ok": False}
+        return {
+            "wall_s": self.wall_s,
+            "encode_s": self.encode_s,
+            "cpu_s_per_sid_row": self.cpu_s_per_sid_row,
+            "cores": self.cores,
+            "ray_data_floor": self.ray_data.summary(),
+        }
+
+
+def _job_floor(hub: Path, sid_rows: int, logs: Path, verbose: bool) -> JobFloor:
+    """Measure :class:`JobFloor` for ``sid_rows`` SID rows of ``hub``'s models."""
+    typer.echo(f"  this machine's floor for {sid_rows:,} SID rows:")
+    rate = _measure([_python(), "-m", "benchmarks.job_floor", "--hub-dir", str(hub)], logs / "job-floor.log", verbose)
+    cpu_s_per_sid_row = None
+    if rate.returncode == 0:
+        answer = next(line for _, line in reversed(rate.lines) if line.startswith("{"))
+        cpu_s_per_sid_row = json.loads(answer)["cpu_s_per_sid_row"]
+        typer.echo(f"    the encoder: {1e6 * cpu_s_per_sid_row:.2f} us of CPU per SID row (one thread)")
+    ray_data = SystemResult("W2", "floor (smallest Ray Data run)", 0, 0, 0)
+    for run in range(1, FLOOR_RUNS + 1):
+        command = [_python(), "-m", "benchmarks.floor"]
+        _run_system(ray_data, f"run {run}/{FLOOR_RUNS}", command, logs / f"floor-{run}.log", verbose)
+    return JobFloor(sid_rows, cpu_s_per_sid_row, os.cpu_count() or 1, ray_data)
+
+
 BenchDir = Annotated[Path, typer.Option(help="Working directory for hubs, outputs, logs and results.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Echo each subprocess's output live.")]
 
@@ -415,6 +474,13 @@ def w2(
     baseline_args: Annotated[
         str, typer.Option(help="Extra arguments for the baseline, e.g. '--device cuda' on a GPU machine.")
     ] = "",
+    job_floor: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure this machine's floor for the job: the encoder's CPU seconds over the cores, plus "
+            "the floor of Ray Data."
+        ),
+    ] = True,
     bench_dir: BenchDir = Path(".bench"),
     verbose: Verbose = False,
 ) -> None:
@@ -436,6 +502,7 @@ def w2(
     typer.echo(f"product: {product_version()}")
     pairs: list[tuple[SystemResult, SystemResult]] = []
     comparisons: dict[str, list[CodeComparison]] = {}
+    floors: dict[int, JobFloor] = {}
     for n in counts:
         suffix = ("-dense" if dense else "") + ("-max" if row_profile == "max" else "")
         hub_dir = bench_dir / f"w2_hub_n{n}{suffix}"
@@ -502,6 +569,8 @@ def w2(
             if not keep_outputs:
                 shutil.rmtree(bench_dir / "w2" / tag, ignore_errors=True)
             pairs.append((ours, base))
+        if job_floor:
+            floors[n] = _job_floor(hub, n * len(NYC_MODELS), bench_dir / "w2" / "logs", verbose)
     typer.echo("")
     print_table([(ours, [base]) for ours, base in pairs])
     typer.echo("")
@@ -517,6 +586,13 @@ def w2(
                 ours.wall_s <= goal * base.wall_s,
                 f"{_ratio(ours.wall_s, base.wall_s)} ({ours.wall_s:.1f}s vs {base.wall_s:.1f}s; "
                 f"{ours.rows_per_s:,.0f} vs {base.rows_per_s:,.0f} SID rows/s)",
+            )
+        floor = floors.get(ours.pois)
+        if floor is not None and floor.ok:
+            _goal(
+                f"{ours.workload} N={ours.pois:,} wall <= {W2_JOB_FLOOR_GOAL}x this machine's floor for the job",
+                ours.wall_s <= W2_JOB_FLOOR_GOAL * floor.wall_s,
+                f"{_ratio(ours.wall_s, floor.wall_s)} ({ours.wall_s:.1f}s vs {floor.describe()})",
             )
         pss = ours.peak_pss if ours.peak_pss is not None else ours.peak_rss
         _goal(
@@ -549,10 +625,13 @@ def w2(
             "product": product_version(),
             "results": [r.summary() for pair in pairs for r in pair if r.runs],
             "codes": {tag: [asdict(c) for c in items] for tag, items in comparisons.items()},
+            "job_floors": {n: floor.summary() for n, floor in floors.items()},
         },
     )
     typer.echo(f"\nresults: {saved}; logs (timestamped output): {bench_dir / 'w2' / 'logs'}")
     if not all(o.ok and (b.ok or not baseline) for o, b in pairs) or not codes_ok:
+        raise typer.Exit(1)
+    if not all(floor.ok for floor in floors.values()):
         raise typer.Exit(1)
 
 

@@ -16,11 +16,10 @@ Run: ``python -m benchmarks.components --hub-dir .bench/w2_hub_n500000 [--rows 1
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-from pathlib import Path
+
+from benchmarks.sample import hub_sample, one_thread, sample_args
 
 
 def _timed(label: str, rows: int, fn) -> float:
@@ -32,22 +31,14 @@ def _timed(label: str, rows: int, fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.components", description=__doc__.splitlines()[0])
-    parser.add_argument("--hub-dir", type=Path, required=True)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=4096)
-    args = parser.parse_args(argv)
-    # One thread everywhere; BLAS reads these when numpy (imported by pyarrow) loads, so set them before any import.
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    args = sample_args("benchmarks.components", __doc__, argv, rows=100_000)
+    one_thread()
     import torch
 
     torch.set_num_threads(1)
     from benchmarks.baseline import batch_to_dense, csv_bytes, load_model
     from benchmarks.compare import product_csv_bytes
-    from benchmarks.generate import FEATURES_DIR, NYC_MODELS
+    from benchmarks.generate import NYC_MODELS
     from rqvae_ray.core.checkpoint import load_checkpoint_file
     from rqvae_ray.core.encoder import Encoder
     from rqvae_ray.core.formatting import SidLines, arrow_columns, string_bytes
@@ -55,17 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from rqvae_ray.core.sid_stats import pack_codes
 
     model = NYC_MODELS[0]
-    shards = sorted((args.hub_dir / "datasets/comp5331poi/nyc" / FEATURES_DIR).glob("*.parquet"))
-    tables = []
-    have = 0
-    for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=args.batch):
-            tables.append(pa.Table.from_batches([batch]))
-            have += batch.num_rows
-            if have >= args.rows:
-                break
-        if have >= args.rows:
-            break
+    tables = hub_sample(args.hub_dir, args.rows, args.batch)
     rows = sum(t.num_rows for t in tables)
     print(f"{rows:,} rows of {args.hub_dir}, batches of {args.batch}, model {model}, 1 thread")
     checkpoint = args.hub_dir / "models" / model / "rqvae_best.pt"

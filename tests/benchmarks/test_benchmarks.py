@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -287,3 +288,22 @@ def test_ceiling_figures_come_from_the_difference_of_the_two_sizes(tmp_path):
     assert "streaming/disk 3.00x" in system.report()[0]
     seconds = disk_write_seconds(tmp_path / "probe", 3 << 20)
     assert seconds > 0 and list((tmp_path / "probe").iterdir()) == []
+
+
+def test_job_floor_is_the_encoders_share_plus_the_floor_of_ray_data(synthetic_hub):
+    from benchmarks.__main__ import JobFloor, SystemResult
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.job_floor", "--hub-dir", str(synthetic_hub), "--rows", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rate = json.loads(proc.stdout.splitlines()[-1])
+    assert rate["sid_rows"] == 1000 and 0 < rate["cpu_s_per_sid_row"] < 1e-3
+    ray_data = SystemResult("W2", "floor", 0, 0, 0, runs=[_measurement(w, {}) for w in (6.0, 5.0, 9.0)])
+    floor = JobFloor(sid_rows=4_000_000, cpu_s_per_sid_row=5e-6, cores=2, ray_data=ray_data)
+    assert floor.ok and floor.encode_s == 10.0 and floor.wall_s == 16.0
+    assert "4,000,000 SID rows x 5.00 us / 2 cores + Ray Data's floor 6.0s" in floor.describe()
+    assert not JobFloor(4_000_000, None, 2, ray_data).ok
