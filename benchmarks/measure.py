@@ -61,7 +61,7 @@ def _label(proc) -> str:
 
 DRIVER = "driver"
 WRITER = "writer actor"
-ENCODERS = "encoder actors"
+ENCODERS = "encoders (actors, or a small pool's tasks)"
 READS = "read tasks"
 OTHER_WORKERS = "other Ray workers"
 IDLE_WORKERS = "idle Ray workers"
@@ -71,8 +71,8 @@ RAY_OWN = "Ray's own (gcs, raylet, agents)"
 
 def process_role(cmdline: list[str], is_root: bool) -> str:
     """What a process of a measured run is, from its command line (a Ray worker's is its process title, which names
-    the task or actor it runs: ``ray::WriterActor.write``, ``ray::MapWorker(MapBatches(EncodeModels))``,
-    ``ray::ReadPoi->...``, ``ray::IDLE``)."""
+    the task or actor it runs: ``ray::WriterActor.write``, ``ray::MapWorker(MapBatches(EncodeModels))``, a small
+    pool's tasks ``ray::MapBatches(encode_in_task)``, ``ray::ReadPoi->...``, ``ray::IDLE``)."""
     if is_root:
         return DRIVER
     title = cmdline[0] if cmdline else ""
@@ -86,7 +86,7 @@ def process_role(cmdline: list[str], is_root: bool) -> str:
         return IDLE_WORKERS
     if name.startswith("WriterActor"):
         return WRITER
-    if "EncodeModels" in name:
+    if "EncodeModels" in name or "encode_in_task" in name:
         return ENCODERS
     if name.startswith("Read"):
         return READS

@@ -10,6 +10,7 @@ the datasets load in worker threads.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
 
@@ -119,10 +120,12 @@ class _RayStream(DatasetStream):
 def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluster: ClusterShape):
     """The Ray Dataset of one plan: the POI rows from ``loaded.first_pid`` on in Pid order (cut into small blocks first
     where :func:`~rqvae_ray.ray_backend.plan.task_rows` says so) through the plan's pools (chained one after another
-    when there are several); each output block holds ``Pid`` and every model's columns."""
-    from ray.data import ActorPoolStrategy
+    when there are several; actors, or tasks where the plan says so); each output block holds ``Pid`` and every
+    model's columns."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from rqvae_ray.ray_backend.datasource import poi_dataset
+    from rqvae_ray.ray_backend.task_stage import encode_in_task
 
     features: PoiFeatures = loaded.features
     block_rows = max(options.batch_size, MIN_BLOCK_ROWS)
@@ -136,21 +139,30 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluste
     if cut is not None:
         ds = compat.cut_blocks(ds, cut)
     for number, pool in enumerate(plan.pools):
-        ds = ds.map_batches(
-            EncodeModels,
-            fn_constructor_kwargs={
-                "repo": features.repo,
-                "models": stage_models(loaded, pool.models),
-                "spec": options.output,
-                "keep_inputs": number < len(plan.pools) - 1,
-                "use_gpu": pool.num_gpus > 0,
-                "encoder_factory": options.encoder_factory,
-            },
-            batch_size=options.batch_size,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus or None,
-        )
+        stage = {
+            "repo": features.repo,
+            "models": stage_models(loaded, pool.models),
+            "spec": options.output,
+            "keep_inputs": number < len(plan.pools) - 1,
+            "use_gpu": pool.num_gpus > 0,
+            "encoder_factory": options.encoder_factory,
+        }
+        batches = {"batch_size": options.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
+        if pool.tasks:
+            ds = ds.map_batches(
+                encode_in_task,
+                fn_kwargs={"stage_key": uuid.uuid4().hex, **stage},
+                **batches,
+                compute=TaskPoolStrategy(size=pool.max_actors),
+                num_cpus=pool.num_cpus,
+            )
+        else:
+            ds = ds.map_batches(
+                EncodeModels,
+                fn_constructor_kwargs=stage,
+                **batches,
+                compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+                num_cpus=pool.num_cpus,
+                num_gpus=pool.num_gpus or None,
+            )
     return ds

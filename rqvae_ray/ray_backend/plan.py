@@ -8,6 +8,10 @@ Two plans, with byte-identical outputs:
   too large to share an actor or a GPU, or pools that must be sized apart.
 
 ``auto`` packs a dataset's models into one pool unless their weights together exceed :data:`PACKED_WEIGHTS_BYTES`.
+
+A pool that auto sizes to one CPU actor for work below :data:`SID_ROWS_PER_ACTOR` runs as Ray tasks instead, one at a
+time (see :mod:`rqvae_ray.ray_backend.task_stage`): the same instances, in a pooled worker process rather than an
+actor of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Pool:
     max_actors: int
     num_cpus: float
     num_gpus: float
+    # Ray tasks, at most max_actors at a time, rather than actors: work too small to be worth an actor's start.
+    tasks: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,14 @@ class DatasetPlan:
             f"{first.min_actors}" if first.min_actors == first.max_actors else f"{first.min_actors}-{first.max_actors}"
         )
         device = f"{first.num_gpus:g} GPU" if first.num_gpus else f"{first.num_cpus:g} CPU"
-        if self.mode is PoolMode.DATASET:
+        why = f"{self.reason}; under {SID_ROWS_PER_ACTOR:,} SID rows: tasks, no actor" if first.tasks else self.reason
+        if first.tasks:
+            shape = f"1 pool of Ray tasks, {size} at a time, x {len(first.models)} model(s)"
+        elif self.mode is PoolMode.DATASET:
             shape = f"1 pool of {size} actor(s) x {len(first.models)} model(s)"
         else:
             shape = f"{len(self.pools)} pool(s) (one per model) of {size} actor(s)"
-        return f"{shape}, {device} each ({self.reason})"
+        return f"{shape}, {device} each ({why})"
 
 
 def plan_dataset(
@@ -85,7 +94,17 @@ def plan_dataset(
     cpus = sizing.cpus_per_actor
     if cpus is None:
         cpus = max(0.01, min(1.0, math.floor(100 * ENCODER_CPU_SHARE * cluster.cpus / total) / 100))
-    pools = tuple(Pool(group, per_pool[0], per_pool[1], cpus, gpus) for group in groups)
+    # Below an actor's worth of work, an actor's start (its own process, Ray Data's tracking of its location) costs
+    # more than the work: one CPU pool of one auto-sized actor runs as tasks in a worker process Ray reuses.
+    tasks = (
+        len(groups) == 1
+        and not gpus
+        and per_pool == (1, 1)
+        and sizing.min_actors is None
+        and sizing.max_actors is None
+        and num_pois * len(groups[0]) < SID_ROWS_PER_ACTOR
+    )
+    pools = tuple(Pool(group, per_pool[0], per_pool[1], cpus, gpus, tasks) for group in groups)
     return DatasetPlan(mode, pools, reason)
 
 

@@ -244,6 +244,7 @@ def test_stand_in_writes_the_same_bytes_through_both_executors(synthetic_hub, lo
         (["ray::WriterActor.write"], False, WRITER),
         (["ray::WriterActor"], False, WRITER),
         (["ray::MapWorker(MapBatches(EncodeModels))"], False, ENCODERS),
+        (["ray::MapBatches(encode_in_task)"], False, ENCODERS),
         (["ray::ReadPoi->SplitBlocks(2)"], False, READS),
         (["ray::IDLE"], False, IDLE_WORKERS),
         (["ray::IDLE_SpillWorker"], False, SPILLING),

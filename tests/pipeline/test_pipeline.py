@@ -122,6 +122,7 @@ def test_checkpoints_and_state_dicts_unchanged_by_a_run(demo_hub, tmp_path):
         (64, 2, PoolMode.MODEL, ExecutorMode.RAY),
         (128, 2, PoolMode.DATASET, ExecutorMode.RAY),
         (4096, 1, PoolMode.AUTO, ExecutorMode.RAY),
+        (300, None, PoolMode.AUTO, ExecutorMode.RAY),  # auto-sized, little work: Ray tasks, the stage kept between
     ],
 )
 def test_bytes_invariant_to_batch_size_actor_count_plan_and_executor(

@@ -31,7 +31,7 @@ from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, parse_model_id, parse_mod
 from rqvae_ray.inputs.stores import CHECKPOINT_FILE, FEATURES_FILE, METADATA_FILE, PID_MAPPING_FILE, LocalHub
 from rqvae_ray.outputs.layout import codebooks_filename, output_dir
 from rqvae_ray.outputs.resume import ResumeState
-from rqvae_ray.pipeline.options import ExecutorMode, RunOptions
+from rqvae_ray.pipeline.options import ExecutorMode, PoolSizing, RunOptions
 from rqvae_ray.pipeline.progress import Progress, Quiet
 from rqvae_ray.runner import run_models
 from tests.conftest import REPO, run_cli
@@ -360,7 +360,15 @@ def test_interrupted_run_publishes_nothing_partial_and_next_run_completes(
     assert not [p.name for p in out.rglob(".*") if p.is_file()], "the completed run left partial files or resume state"
 
 
-def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path):
+@pytest.mark.parametrize(
+    ("sizing", "marker"),
+    [
+        (PoolSizing(min_actors=1), "EncodeModels"),  # an actor pool: Ray Data restarts the actor, retries its task
+        (PoolSizing(), "encode_in_task"),  # a small auto-sized pool runs as tasks: Ray retries the task elsewhere
+    ],
+    ids=["actor", "task"],
+)
+def test_killed_encoder_is_replaced_and_output_identical(demo_hub, demo_run, local_ray, tmp_path, sizing, marker):
 
     specs = parse_model_ids([DEFAULT_MODELS[6]])
     gate = GateControl(tmp_path / "gate")  # the TKY encoders wait there: the run cannot end before the kill
@@ -368,24 +376,23 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
         hub=LocalHub(demo_hub),
         out_dir=str(tmp_path),
         batch_size=256,
+        pools=sizing,
         executor=ExecutorMode.RAY,
         encoder_factory=Gate(gate.folder),
     )
     killed: list[int] = []
     # Encoder actors of earlier tests on this Ray, whose pools ended with their runs, may not have exited yet.
-    earlier = {process.pid for process in descendants_running(os.getpid(), "EncodeModels")}
+    earlier = {process.pid for process in descendants_running(os.getpid(), marker)}
 
     def killer() -> None:
-        """Once a quarter of TKY is encoded (the rest held at the gate), kill an encoder actor; then open the gate."""
+        """Once a quarter of TKY is encoded (the rest held at the gate), kill an encoder; then open the gate."""
         try:
             gate.allow(TKY_POIS // 4)
             deadline = time.monotonic() + 120
             while not killed and time.monotonic() < deadline:
                 passed = gate.passed()
                 # Only this test's own Ray (started by this process) is a target, never another Ray on the machine.
-                actors = (
-                    descendants_running(os.getpid(), "EncodeModels") if passed and min(passed) >= gate.allowed else []
-                )
+                actors = descendants_running(os.getpid(), marker) if passed and min(passed) >= gate.allowed else []
                 pid = kill_first([actor for actor in actors if actor.pid not in earlier])
                 if pid is not None:
                     killed.append(pid)
@@ -398,7 +405,7 @@ def test_killed_encoder_actor_is_replaced_and_output_identical(demo_hub, demo_ru
     thread.start()
     results = run_models(specs, options)
     thread.join(timeout=5)
-    assert killed, "no encoder actor process was found to kill"
+    assert killed, "no encoder process was found to kill"
     assert results[0].ok, results[0].error
     reference, _ = demo_run
     rel = Path("datasets/comp5331poi/tky/LLM Dataset/Intermediate Files") / csv_name(specs[0])

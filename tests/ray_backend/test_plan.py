@@ -26,7 +26,24 @@ def test_auto_packs_a_small_dataset_into_one_actor():
     assert len(plan.pools) == 1 and plan.pools[0].models == (0, 1, 2, 3, 4)
     assert (plan.pools[0].min_actors, plan.pools[0].max_actors) == (1, 1)
     assert plan.pools[0].num_gpus == 0 and 0 < plan.pools[0].num_cpus <= 0.5
-    assert "1 actor(s) x 5 model(s)" in plan.describe()
+    assert plan.pools[0].tasks and "1 pool of Ray tasks, 1 at a time, x 5 model(s)" in plan.describe()
+
+
+def test_only_an_auto_sized_pool_of_one_cpu_actor_for_little_work_runs_as_tasks():
+    def tasks(pois: int, sizing: PoolSizing | None = None, cluster: ClusterShape = TWO_CPUS, models: int = 5):
+        plan = plan_dataset([3 * MB] * models, pois, sizing or PoolSizing(), cluster, datasets=2)
+        return [pool.tasks for pool in plan.pools]
+
+    below = (SID_ROWS_PER_ACTOR - 1) // 5
+    assert tasks(below) == [True]
+    assert tasks(below + 1) == [False]  # an actor's worth of work: one actor (the 2 CPUs are shared by 2 datasets)
+    assert tasks(5135, PoolSizing(min_actors=1)) == [False]  # the user sized the pool: actors as asked
+    assert tasks(5135, PoolSizing(max_actors=1)) == [False]
+    assert tasks(5135, PoolSizing(cpus_per_actor=1.0)) == [True]
+    assert tasks(5135, PoolSizing(mode=PoolMode.MODEL)) == [False] * 5  # chained per-model pools stay actors
+    assert tasks(5135, PoolSizing(mode=PoolMode.MODEL), models=1) == [True]
+    assert tasks(5135, cluster=ClusterShape(cpus=2, gpus=1)) == [False]  # a GPU actor
+    assert tasks(5135, PoolSizing(gpus_per_actor=0.5)) == [False]
 
 
 def test_auto_adds_actors_with_the_work_up_to_the_cpus():
