@@ -138,6 +138,7 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluste
     cut = task_rows(bool(features.shards), options.output.fmt, block_rows)
     if cut is not None:
         ds = compat.cut_blocks(ds, cut)
+    batches = {"batch_size": options.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
     for number, pool in enumerate(plan.pools):
         stage = {
             "repo": features.repo,
@@ -147,7 +148,6 @@ def build_dataset(loaded: Loaded, plan: DatasetPlan, options: RunOptions, cluste
             "use_gpu": pool.num_gpus > 0,
             "encoder_factory": options.encoder_factory,
         }
-        batches = {"batch_size": options.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
         if pool.tasks:
             ds = ds.map_batches(
                 encode_in_task,

@@ -67,9 +67,10 @@ class DatasetPlan:
             f"{first.min_actors}" if first.min_actors == first.max_actors else f"{first.min_actors}-{first.max_actors}"
         )
         device = f"{first.num_gpus:g} GPU" if first.num_gpus else f"{first.num_cpus:g} CPU"
-        why = f"{self.reason}; under {SID_ROWS_PER_ACTOR:,} SID rows: tasks, no actor" if first.tasks else self.reason
+        why = self.reason
         if first.tasks:
             shape = f"1 pool of Ray tasks, {size} at a time, x {len(first.models)} model(s)"
+            why += f"; under {SID_ROWS_PER_ACTOR:,} SID rows: tasks, no actor"
         elif self.mode is PoolMode.DATASET:
             shape = f"1 pool of {size} actor(s) x {len(first.models)} model(s)"
         else:
@@ -87,7 +88,8 @@ def plan_dataset(
     )
     gpus = sizing.gpus_per_actor
     use_gpus = (gpus is None and cluster.gpus > 0) or bool(gpus)
-    per_pool = _actors(sizing, num_pois * len(groups[0]), use_gpus, cluster, datasets * len(groups))
+    sid_rows = num_pois * len(groups[0])
+    per_pool = _actors(sizing, sid_rows, use_gpus, cluster, datasets * len(groups))
     total = datasets * len(groups) * per_pool[0]
     if gpus is None:
         gpus = min(1.0, cluster.gpus / total) if cluster.gpus else 0.0
@@ -95,14 +97,14 @@ def plan_dataset(
     if cpus is None:
         cpus = max(0.01, min(1.0, math.floor(100 * ENCODER_CPU_SHARE * cluster.cpus / total) / 100))
     # Below an actor's worth of work, an actor's start (its own process, Ray Data's tracking of its location) costs
-    # more than the work: one CPU pool of one auto-sized actor runs as tasks in a worker process Ray reuses.
+    # more than the work: one CPU pool, auto-sized (so to one actor, by _actors), runs as tasks in a worker process
+    # Ray reuses.
     tasks = (
         len(groups) == 1
         and not gpus
-        and per_pool == (1, 1)
         and sizing.min_actors is None
         and sizing.max_actors is None
-        and num_pois * len(groups[0]) < SID_ROWS_PER_ACTOR
+        and sid_rows < SID_ROWS_PER_ACTOR
     )
     pools = tuple(Pool(group, per_pool[0], per_pool[1], cpus, gpus, tasks) for group in groups)
     return DatasetPlan(mode, pools, reason)
