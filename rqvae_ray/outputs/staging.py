@@ -7,9 +7,11 @@ and report; and the cleanup of partial files whose writer died.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
+import mmap
 import os
 import re
 import socket
@@ -77,24 +79,48 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(handle)  # releases the lock
 
 
+# Output files go to the disk directly (O_DIRECT) where the filesystem allows, gathered here in aligned chunks: on
+# this project's VM, copying 4 GB of CSV into the page cache cost the writing process 6-11 s of kernel CPU, written
+# directly 0.3-0.4 s, and the disk took them over twice as fast.
+DIRECT_CHUNK_BYTES = 8 << 20
+# A multiple of every logical block size, with which O_DIRECT needs offsets, lengths and memory aligned.
+DIRECT_ALIGN = 4096
+
+
 class HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it;
-    closing it flushes and fsyncs."""
+    """A write-only file that hashes the bytes passing through it, so that no output is ever read back to hash it.
+
+    The bytes are gathered in a page-aligned chunk and written a chunk at a time, past the page cache (O_DIRECT)
+    where the filesystem accepts it, through it otherwise; closing the file writes the last chunk (padded to the
+    alignment, the file then cut to its length), and fsyncs it.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self._file = path.open("wb")
         self.digest = hashlib.sha256()
         self._position = 0
+        self._fd, self.direct = _open_for_writing(path)
+        self._chunk = mmap.mmap(-1, DIRECT_CHUNK_BYTES)
+        self._view = memoryview(self._chunk)
+        self._filled = 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
-        self.digest.update(data)
-        written = self._file.write(data)
-        self._position += written
-        return written
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        taken = 0
+        while taken < len(view):
+            size = min(DIRECT_CHUNK_BYTES - self._filled, len(view) - taken)
+            self._view[self._filled : self._filled + size] = view[taken : taken + size]
+            self._filled += size
+            taken += size
+            if self._filled == DIRECT_CHUNK_BYTES:
+                self._write_chunk(DIRECT_CHUNK_BYTES)
+                self._filled = 0
+        self._position += taken
+        return taken
 
     def tell(self) -> int:
         return self._position
@@ -103,11 +129,47 @@ class HashingFile(io.RawIOBase):
         if self.closed:
             return
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:  # a failed flush (a full disk) closes the file too, so that closing it again does nothing
+            if self._filled:
+                if self.direct:  # the last block padded to the alignment, then cut off
+                    padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+                    self._view[self._filled : padded] = bytes(padded - self._filled)
+                    self._write_chunk(padded)
+                    os.ftruncate(self._fd, self._position)
+                else:
+                    self._write_chunk(self._filled)
+                self._filled = 0
+            os.fsync(self._fd)
+        finally:  # a failed write (a full disk) closes the file too, so that closing it again does nothing
             super().close()
-            self._file.close()
+            os.close(self._fd)
+            self._view.release()
+            self._chunk.close()
+
+    def _write_chunk(self, size: int) -> None:
+        written = 0
+        while written < size:
+            try:
+                with self._view[written:size] as part:  # released even when the write fails
+                    written += os.write(self._fd, part)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                # A filesystem that opened the file for O_DIRECT but refuses its writes: through the page cache.
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+
+
+def _open_for_writing(path: Path) -> tuple[int, bool]:
+    """A new file at ``path`` (truncated), and whether it writes past the page cache."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o666), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                raise
+    return os.open(path, flags, 0o666), False
 
 
 def owner_tag() -> str:

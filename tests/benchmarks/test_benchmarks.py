@@ -279,16 +279,17 @@ def _measurement(wall_s: float, cpu: dict[str, float]) -> Measurement:
 def test_ceiling_figures_come_from_the_difference_of_the_two_sizes(tmp_path):
     system = Ceiling("ray", "csv", (1000, 3000), models=5)
     system.pairs = [
-        Pair(_measurement(10.0, {DRIVER: 2.0}), _measurement(14.0, {DRIVER: 3.0, WRITER: 1.0}), 4_000_000, 1.0),
-        Pair(_measurement(11.0, {DRIVER: 2.0}), _measurement(16.0, {DRIVER: 4.0}), 4_000_000, 2.0),
+        Pair(_measurement(10.0, {DRIVER: 2.0}), _measurement(14.0, {DRIVER: 3.0, WRITER: 1.0}), 4_000_000, 1.0, 1.5),
+        Pair(_measurement(11.0, {DRIVER: 2.0}), _measurement(16.0, {DRIVER: 4.0}), 4_000_000, 3.0, 2.0),
     ]
     assert system.added_sid_rows == 10_000
     assert system.added_wall_s == 4.5 and system.disk_s == 1.5 and system.ratio == 3.0
     assert system.rows_per_s == 10_000 / 4.5
     assert system.cpu() == {DRIVER: (3.5, 1e6 * 1.5 / 10_000), WRITER: (0.5, 1e6 * 0.5 / 10_000)}
     assert "streaming/disk 3.00x" in system.report()[0]
-    seconds = disk_write_seconds(tmp_path / "probe", 3 << 20)
-    assert seconds > 0 and list((tmp_path / "probe").iterdir()) == []
+    for direct in (True, False):
+        seconds = disk_write_seconds(tmp_path / "probe", (3 << 20) + 5, direct=direct)
+        assert seconds > 0 and list((tmp_path / "probe").iterdir()) == []
 
 
 def test_job_floor_is_the_encoders_share_plus_the_floor_of_ray_data(synthetic_hub):
