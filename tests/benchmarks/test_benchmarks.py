@@ -286,7 +286,8 @@ def test_ceiling_figures_come_from_the_difference_of_the_two_sizes(tmp_path):
     assert system.added_wall_s == 4.5 and system.disk_s == 1.5 and system.ratio == 3.0
     assert system.rows_per_s == 10_000 / 4.5
     assert system.cpu() == {DRIVER: (3.5, 1e6 * 1.5 / 10_000), WRITER: (0.5, 1e6 * 0.5 / 10_000)}
-    assert "streaming/disk 3.00x" in system.report()[0]
+    assert system.cached_ratio == 4.5 / 1.75
+    assert "streaming/disk 3.00x (the disk through the page cache: 2.57x)" in system.report()[0]
     for direct in (True, False):
         seconds = disk_write_seconds(tmp_path / "probe", (3 << 20) + 5, direct=direct)
         assert seconds > 0 and list((tmp_path / "probe").iterdir()) == []
