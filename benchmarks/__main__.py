@@ -223,6 +223,9 @@ def _run_system(result: SystemResult, label: str, command: list[str], log: Path,
 
 def _measure(command: list[str], log: Path, verbose: bool) -> Measurement:
     log.parent.mkdir(parents=True, exist_ok=True)
+    # Untimed: what earlier runs wrote through the page cache is on the disk before this run starts, so that the
+    # kernel's write-back of one system's files (the baseline's GBs of CSV) is not charged to the next.
+    os.sync()
     measurement = run_measured(command, env=bench_env(), cwd=REPO, echo=typer.echo if verbose else None)
     with log.open("w") as handle:
         handle.write("$ " + " ".join(command) + "\n")
