@@ -326,7 +326,10 @@ class JobFloor:
 
 
 def _job_floor(hub: Path, sid_rows: int, logs: Path, verbose: bool) -> JobFloor:
-    """Measure :class:`JobFloor` for ``sid_rows`` SID rows of ``hub``'s models."""
+    """Measure :class:`JobFloor` for ``sid_rows`` SID rows of ``hub``'s models, over the cores this process may use
+    (as many as the in-process executor's encode threads)."""
+    from rqvae_ray.pipeline.local import local_threads
+
     typer.echo(f"  this machine's floor for {sid_rows:,} SID rows:")
     rate = _measure([_python(), "-m", "benchmarks.job_floor", "--hub-dir", str(hub)], logs / "job-floor.log", verbose)
     cpu_s_per_sid_row = None
@@ -338,7 +341,7 @@ def _job_floor(hub: Path, sid_rows: int, logs: Path, verbose: bool) -> JobFloor:
     for run in range(1, FLOOR_RUNS + 1):
         command = [_python(), "-m", "benchmarks.floor"]
         _run_system(ray_data, f"run {run}/{FLOOR_RUNS}", command, logs / f"floor-{run}.log", verbose)
-    return JobFloor(sid_rows, cpu_s_per_sid_row, os.cpu_count() or 1, ray_data)
+    return JobFloor(sid_rows, cpu_s_per_sid_row, local_threads(), ray_data)
 
 
 BenchDir = Annotated[Path, typer.Option(help="Working directory for hubs, outputs, logs and results.")]
@@ -635,9 +638,8 @@ def w2(
         },
     )
     typer.echo(f"\nresults: {saved}; logs (timestamped output): {bench_dir / 'w2' / 'logs'}")
-    if not all(o.ok and (b.ok or not baseline) for o, b in pairs) or not codes_ok:
-        raise typer.Exit(1)
-    if not all(floor.ok for floor in floors.values()):
+    floors_ok = all(floor.ok for floor in floors.values())
+    if not all(o.ok and (b.ok or not baseline) for o, b in pairs) or not codes_ok or not floors_ok:
         raise typer.Exit(1)
 
 

@@ -10,7 +10,6 @@ The CPU seconds of every process role (:func:`benchmarks.measure.process_role`) 
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import statistics
@@ -19,30 +18,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.measure import Measurement
+from rqvae_ray.outputs.staging import direct_aligned, open_for_writing
 
 CHUNK_BYTES = 8 << 20
 
 
 def disk_write_seconds(folder: Path, nbytes: int, direct: bool) -> float:
     """Seconds to write ``nbytes`` (rounded up to 4 KiB) to a new file in ``folder`` sequentially and fsync it, past
-    the page cache (O_DIRECT) or through it; the file is removed."""
+    the page cache where the filesystem allows it (as the product writes, :func:`open_for_writing`) or through it; the
+    file is removed."""
     folder.mkdir(parents=True, exist_ok=True)
     chunk = mmap.mmap(-1, CHUNK_BYTES)  # page-aligned, as O_DIRECT needs
     chunk.write(os.urandom(CHUNK_BYTES))
     path = folder / f".disk-probe-{os.getpid()}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     started = time.perf_counter()
-    try:
-        handle = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
-    except OSError as exc:  # EINVAL: a filesystem without O_DIRECT, which the product too writes through the cache
-        if exc.errno != errno.EINVAL:
-            raise
-        handle = os.open(path, flags, 0o644)
+    handle = open_for_writing(path)[0] if direct else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         left = nbytes
         with memoryview(chunk) as view:
             while left > 0:
-                left -= os.write(handle, view[: min(-(-left // 4096) * 4096, CHUNK_BYTES)])
+                left -= os.write(handle, view[: min(direct_aligned(left), CHUNK_BYTES)])
         os.fsync(handle)
     finally:
         os.close(handle)

@@ -100,7 +100,7 @@ class HashingFile(io.RawIOBase):
         super().__init__()
         self.digest = hashlib.sha256()
         self._position = 0
-        self._fd, self.direct = _open_for_writing(path)
+        self._fd, self.direct = open_for_writing(path)
         self._chunk = mmap.mmap(-1, DIRECT_CHUNK_BYTES)
         self._view = memoryview(self._chunk)
         self._filled = 0
@@ -132,7 +132,7 @@ class HashingFile(io.RawIOBase):
         try:
             if self._filled:
                 if self.direct:  # the last block padded to the alignment, then cut off
-                    padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+                    padded = direct_aligned(self._filled)
                     self._view[self._filled : padded] = bytes(padded - self._filled)
                     self._write_chunk(padded)
                     os.ftruncate(self._fd, self._position)
@@ -160,8 +160,14 @@ class HashingFile(io.RawIOBase):
                 self.direct = False
 
 
-def _open_for_writing(path: Path) -> tuple[int, bool]:
-    """A new file at ``path`` (truncated), and whether it writes past the page cache."""
+def direct_aligned(size: int) -> int:
+    """``size`` rounded up to :data:`DIRECT_ALIGN`, as a write past the page cache needs."""
+    return -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def open_for_writing(path: Path) -> tuple[int, bool]:
+    """A new file at ``path`` (truncated) opened past the page cache (O_DIRECT) where the filesystem allows it, and
+    whether it is."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     direct = getattr(os, "O_DIRECT", 0)
     if direct:
