@@ -1,6 +1,6 @@
 """Where the time goes in one run of the rqvae_ray CLI: the CLI in-process, with timestamps around its phases.
 
-Wraps (without changing them) ``start_ray``, ``load_features``, ``load_checkpoint_bytes``, the per-dataset
+Wraps (without changing them) ``start_ray``, ``load_features``, ``load_weights``, the per-dataset
 ``_encode_and_write`` and Ray Data's ``iter_internal_ref_bundles`` (first block out), runs the CLI, then reads
 ``ray.timeline()`` (task and actor events of every Ray worker) before shutting Ray down, and prints:
 
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     _mark("imports done")
     _wrap(ray_executor, "start_ray", "ray start (start_ray)")
     _wrap(jobs, "load_features", "load features")
-    _wrap(jobs, "load_checkpoint_bytes", "load checkpoint")
+    _wrap(jobs, "load_weights", "load checkpoint")
     _wrap(executor, "run_dataset", "encode+write (per dataset)")
     installed = threading.Lock()
     run_dataset = executor.run_dataset

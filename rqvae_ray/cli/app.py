@@ -24,6 +24,8 @@ from rqvae_ray.cli.summary import table_text, write_summary_json
 from rqvae_ray.core.contract import OutputFormat
 from rqvae_ray.core.presets import presets_help, variable_length_warning
 from rqvae_ray.errors import RayConnectionLost, RayStartError, RqvaeRayError, StopSignal, error_chain, reason_of
+from rqvae_ray.inputs.decoded_cache import CACHE_BYTES
+from rqvae_ray.inputs.decoded_cache import DEFAULT_DIR as INPUT_CACHE_DIR
 from rqvae_ray.inputs.model_ids import DEFAULT_MODELS, ModelSpec, read_models_file, split_model_ids
 from rqvae_ray.pipeline.executor import LOCAL_MAX_SID_ROWS
 from rqvae_ray.pipeline.options import ExecutorMode, PoolMode, RunOptions, check_setup, make_options
@@ -174,6 +176,15 @@ def run(
             "connection), doubled at each retry; a longer Retry-After from the server is waited for instead.",
         ),
     ] = 1.0,
+    no_input_cache: Annotated[
+        bool,
+        flag(
+            "--no-input-cache",
+            f"Decode every .pt checkpoint and feature file with torch this run; by default what they decode to is "
+            f"kept in {INPUT_CACHE_DIR} (by each file's sha256; at most {CACHE_BYTES >> 30} GiB, least recently used "
+            "removed first), and a later run on the same files reads it there without importing torch.",
+        ),
+    ] = False,
     report_dir: Annotated[
         Path | None, typer.Option(help="Write sid_quality.json/.png here (default: --out-dir; none if uploading only).")
     ] = None,
@@ -235,6 +246,7 @@ def run(
                 address=address,
                 upload_retries=upload_retries,
                 retry_backoff_s=retry_backoff_s,
+                input_cache=None if no_input_cache else INPUT_CACHE_DIR,
             )
             exported = frozenset(e.value for e in options.output.exports)
             if warning := variable_length_warning(exported, options.output.fixed_length):

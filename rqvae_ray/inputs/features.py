@@ -17,6 +17,7 @@ from rqvae_ray.core.encoder import SparseRows
 from rqvae_ray.core.hashing import sha256_files
 from rqvae_ray.core.rows import pid_break
 from rqvae_ray.errors import DatasetError
+from rqvae_ray.inputs.decoded_cache import DecodedCache, DecodedFeatures
 from rqvae_ray.inputs.stores import DatasetFiles
 
 if TYPE_CHECKING:
@@ -296,27 +297,43 @@ def _held_before(pid: int, read: list[tuple[str, int, int]]) -> str:
     return ""
 
 
-def _validated(files: DatasetFiles, meta: _Metadata, num_pois: int, dim: int, **data) -> PoiFeatures:
-    """Check metadata.json and pid_mapping.csv against the features, then describe the dataset."""
+def _validated(
+    files: DatasetFiles, meta: _Metadata, num_pois: int, dim: int, sha256: str | None = None, **data
+) -> PoiFeatures:
+    """Check metadata.json and pid_mapping.csv against the features, then describe the dataset (``sha256``: the
+    features' digest when already computed)."""
     _check_metadata(files, meta, num_pois, dim)
     check_pid_mapping(files, num_pois)
     return PoiFeatures(
         repo=files.repo,
         dim=dim,
         num_pois=num_pois,
-        sha256=sha256_files(files.features),
+        sha256=sha256 or sha256_files(files.features),
         revision=files.revision,
         **data,
     )
 
 
-def load_features(files: DatasetFiles) -> PoiFeatures:
-    """Load and validate a dataset: ``poi_features.pt`` into memory, or the Parquet shards' metadata."""
+def load_features(files: DatasetFiles, cache: DecodedCache | None = None) -> PoiFeatures:
+    """Load and validate a dataset: ``poi_features.pt`` into memory (from ``cache`` when it holds the file's decoded
+    rows, which are kept there otherwise), or the Parquet shards' metadata."""
     if files.is_parquet:
         return _load_parquet(files)
+    sha256 = sha256_files(files.features)
+    decoded = None if cache is None else cache.features(sha256)
+    if decoded is None:
+        decoded = _decode(files)
+        if cache is not None:
+            cache.keep_features(sha256, decoded)
+    rows = decoded.rows
+    return _validated(files, _read_metadata(files), rows.num_rows, decoded.dim, sha256, rows=rows)
+
+
+def _decode(files: DatasetFiles) -> DecodedFeatures:
+    """``poi_features.pt`` read with torch, checked and turned into sparse rows."""
     dense = load_dense_features(files.features[0], files.repo)
     num_pois, dim = dense.shape
     if num_pois == 0:
         raise DatasetError(files.repo, "the feature tensor is empty (0 POIs); nothing to encode")
     check_finite(dense, files.repo)
-    return _validated(files, _read_metadata(files), num_pois, dim, rows=SparseRows.from_dense(dense))
+    return DecodedFeatures(SparseRows.from_dense(dense), dim)

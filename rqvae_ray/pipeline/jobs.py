@@ -24,6 +24,7 @@ from rqvae_ray.errors import (
     error_chain,
     reason_of,
 )
+from rqvae_ray.inputs.decoded_cache import DecodedCache
 from rqvae_ray.inputs.feature_digest import rows_digests
 from rqvae_ray.inputs.features import PoiFeatures, load_features
 from rqvae_ray.inputs.model_ids import ModelSpec
@@ -102,6 +103,11 @@ def _first_needed(ready: Ready) -> int:
     return 1
 
 
+def load_weights(data: bytes, cache: DecodedCache | None) -> ModelWeights:
+    """A checkpoint's frozen model, from ``cache`` when it holds it (and kept there otherwise)."""
+    return load_checkpoint_bytes(data, source="checkpoint") if cache is None else cache.weights(data)
+
+
 def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progress: Progress) -> Loaded:
     """Load and check the dataset and every checkpoint; decide which models have an up-to-date output already (and,
     when uploading, which of those the dataset repo lacks), and with ``--keep-existing`` which rows of each published
@@ -111,7 +117,7 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
         from rqvae_ray.outputs.upload import check_writable
 
         check_writable(repo, options.upload_retries, options.retry_backoff_s)
-    features = load_features(options.hub.dataset_files(org, dataset))
+    features = load_features(options.hub.dataset_files(org, dataset), options.input_cache)
     progress.note(f"{repo}: {features.num_pois} POIs x {features.dim} features (revision {features.revision})")
     folder = output_dir_of(options, repo)
     results: dict[str, ModelResult] = {}
@@ -122,7 +128,7 @@ def load_dataset(repo: str, specs: list[ModelSpec], options: RunOptions, progres
     for spec in specs:
         try:
             data, revision = options.hub.checkpoint(spec)
-            weights = load_checkpoint_bytes(data, source="checkpoint")
+            weights = load_weights(data, options.input_cache)
             if weights.input_dim != features.dim:
                 raise CheckpointError(
                     spec.model_id,

@@ -13,6 +13,7 @@ from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.core.encoder import EncoderFactory, make_encoder
 from rqvae_ray.core.presets import Preset, resolve_presets
 from rqvae_ray.errors import OutputError
+from rqvae_ray.inputs.decoded_cache import DecodedCache
 from rqvae_ray.inputs.stores import HfHub, LocalHub
 
 
@@ -66,6 +67,8 @@ class RunOptions:
     upload_retries: int = 5
     # The first wait before retrying a Hub call that failed transiently (doubled at each retry).
     retry_backoff_s: float = 1.0
+    # Where decoded .pt inputs are kept between runs (None: decoded every run).
+    input_cache: DecodedCache | None = None
     # Internal, not a command-line option: what builds the encoders (a benchmark swaps in a stand-in).
     encoder_factory: EncoderFactory = make_encoder
 
@@ -99,10 +102,12 @@ def make_options(
     address: str | None = None,
     upload_retries: int = 5,
     retry_backoff_s: float = 1.0,
+    input_cache: str | Path | None = None,
 ) -> RunOptions:
     """The options of a run from the command line's or the API's keywords; contradictions raise
     :class:`~rqvae_ray.errors.OutputError` naming both options. ``upload`` None: upload when there is no
-    ``out_dir``. ``for_`` names trainers' presets (``--for``), which turn on what their loaders need."""
+    ``out_dir``. ``for_`` names trainers' presets (``--for``), which turn on what their loaders need. ``input_cache``:
+    the folder where decoded ``.pt`` inputs are kept between runs (None: none kept)."""
     if keep_existing and force:
         raise OutputError("--keep-existing keeps a published file and --force redoes it; give one of them")
     check_base_folder(base_folder)
@@ -141,6 +146,7 @@ def make_options(
         force=force,
         upload_retries=upload_retries,
         retry_backoff_s=retry_backoff_s,
+        input_cache=None if input_cache is None else DecodedCache(Path(input_cache)),
     )
 
 
