@@ -103,16 +103,19 @@ class DecodedCache:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
-            os.utime(path)  # recently used: the last to be removed
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # damaged: decoded again and replaced
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
+        with contextlib.suppress(OSError):  # another user's entry, read-only: still used
+            os.utime(path)  # recently used: the last to be removed
         return arrays
 
     def _write(self, kind: Kind, sha256: str, arrays: dict[str, np.ndarray]) -> None:
+        if sum(array.nbytes for array in arrays.values()) > self.budget_bytes:
+            return  # it would be the first to go
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             handle = tempfile.NamedTemporaryFile(dir=self.folder, prefix=".", suffix=".tmp", delete=False)

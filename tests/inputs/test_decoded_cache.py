@@ -274,3 +274,21 @@ def test_the_command_keeps_entries_and_gives_the_same_bytes(tmp_path, demo_hub):
         assert kinds == ([] if extra else ["checkpoint", "features"])
         outputs.append(sorted(out.rglob("codebooks-*.csv"))[0].read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_an_entry_larger_than_the_budget_is_not_written(tmp_path, checkpoint_bytes):
+    cache = DecodedCache(tmp_path / "cache", budget_bytes=1 << 20)  # the model holds ~3 MB
+    _assert_same_model(cache.weights(checkpoint_bytes), load_checkpoint_bytes(checkpoint_bytes))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_read_only_entry_is_still_used(tmp_path, checkpoint_bytes, monkeypatch):
+    cache = DecodedCache(tmp_path / "cache")
+    cache.weights(checkpoint_bytes)
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError("another user's file")
+
+    monkeypatch.setattr(decoded_cache.os, "utime", refused)
+    monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", lambda *_a, **_k: pytest.fail("decoded again"))
+    _assert_same_model(cache.weights(checkpoint_bytes), load_checkpoint_bytes(checkpoint_bytes))
