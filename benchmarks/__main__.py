@@ -423,7 +423,7 @@ def w1(
         ):
             _run_system(result, f"run {run}/{repeat}", command, log, verbose, decoded_before=again)
     typer.echo("")
-    print_table([(ours, [ours_again, on_ray, on_ray_again, floor, base])])
+    print_table([(ours, [base]), (ours_again, [base]), (on_ray, [floor]), (on_ray_again, [floor])])
     typer.echo("")
     typer.echo("goals:")
     _goal(
