@@ -95,11 +95,14 @@ class DecodedCache:
         self._write(Kind.FEATURES, sha256, arrays)
 
     def path(self, kind: Kind, sha256: str) -> Path:
-        """Where the entry of this file and of this code is."""
+        """Where the entry of this file and of this code is (OSError when the code's source cannot be read)."""
         return self.folder / f"{kind.value}-{sha256}-{decoders_digest()[:16]}.npz"
 
     def _read(self, kind: Kind, sha256: str) -> dict[str, np.ndarray] | None:
-        path = self.path(kind, sha256)
+        try:
+            path = self.path(kind, sha256)
+        except OSError:  # the decoding modules' source is not installed: no entry can be matched to the code
+            return None
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}

@@ -292,3 +292,19 @@ def test_a_read_only_entry_is_still_used(tmp_path, checkpoint_bytes, monkeypatch
     monkeypatch.setattr(decoded_cache.os, "utime", refused)
     monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", lambda *_a, **_k: pytest.fail("decoded again"))
     _assert_same_model(cache.weights(checkpoint_bytes), load_checkpoint_bytes(checkpoint_bytes))
+
+
+def test_without_the_decoders_source_nothing_is_kept_or_read(tmp_path, checkpoint_bytes, monkeypatch):
+    cache = DecodedCache(tmp_path / "cache")
+    cache.weights(checkpoint_bytes)
+    monkeypatch.setattr(decoded_cache, "DECODERS", (*decoded_cache.DECODERS, "core/not-installed.py"))
+    decoded_cache.decoders_digest.cache_clear()
+    try:
+        calls = []
+        real = decoded_cache.load_checkpoint_bytes
+        monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
+        _assert_same_model(cache.weights(checkpoint_bytes), load_checkpoint_bytes(checkpoint_bytes))
+        assert calls == [1]  # decoded, the entry of before not read
+        assert len(list((tmp_path / "cache").iterdir())) == 1  # and nothing new kept
+    finally:
+        decoded_cache.decoders_digest.cache_clear()
