@@ -51,7 +51,8 @@ class BatchInferenceProcessor:
     ``for_`` (trainers' presets such as ``["lc-rec", "grid"]``, or one comma-separated string), ``keep_existing``,
     ``max_per_sid``, ``executor`` ("auto"/"local"/"ray"), ``pools`` ("auto"/"dataset"/"model"), ``batch_size``,
     ``actors_per_pool``, ``min_actors``, ``max_actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``actor_wait_s``,
-    ``address``, ``revision``, ``dataset_revision``, ``force``, ``upload_retries``, ``retry_backoff_s``. Contradictory
+    ``address``, ``revision``, ``dataset_revision``, ``force``, ``upload_retries``, ``retry_backoff_s``, and
+    ``input_cache`` (a folder where decoded ``.pt`` inputs are kept between runs; none by default). Contradictory
     options raise :class:`~rqvae_ray.errors.OutputError`.
     """
 

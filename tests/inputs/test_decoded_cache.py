@@ -308,3 +308,13 @@ def test_without_the_decoders_source_nothing_is_kept_or_read(tmp_path, checkpoin
         assert len(list((tmp_path / "cache").iterdir())) == 1  # and nothing new kept
     finally:
         decoded_cache.decoders_digest.cache_clear()
+
+
+def test_the_python_api_keeps_entries_where_its_options_say(tmp_path, demo_hub):
+    from rqvae_ray.api.batch_inference import BatchInferenceProcessor
+
+    spec = parse_model_id("comp5331poi/rqvae-nyc-div0.0-commit0.5-lr5e-5")
+    options = {"hub_dir": demo_hub, "out_dir": tmp_path / "out", "executor": "local"}
+    assert BatchInferenceProcessor(**options).run([spec])[0].ok
+    assert BatchInferenceProcessor(**options, input_cache=tmp_path / "cache", force=True).run([spec])[0].ok
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.npz")) == ["checkpoint", "features"]
