@@ -22,6 +22,7 @@ import torch
 from rqvae_ray.core.checkpoint import CheckpointError, ModelWeights, load_checkpoint_bytes
 from rqvae_ray.core.encoder import Encoder
 from rqvae_ray.inputs import decoded_cache
+from rqvae_ray.inputs import features as features_module
 from rqvae_ray.inputs.decoded_cache import DecodedCache, Kind
 from rqvae_ray.inputs.demo import fit_checkpoint, nyc_features, write_dataset
 from rqvae_ray.inputs.features import load_features
@@ -66,23 +67,23 @@ def _assert_same_model(mine: ModelWeights, theirs: ModelWeights) -> None:
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
-def test_a_cached_checkpoint_is_the_decoded_one(tmp_path, checkpoint_bytes, features):
+def _no_decoding(*_args, **_kwargs):
+    pytest.fail("decoded again: the cache was not read")
+
+
+def test_a_cached_checkpoint_is_the_decoded_one(tmp_path, checkpoint_bytes, features, monkeypatch):
     decoded = load_checkpoint_bytes(checkpoint_bytes)
     cache = DecodedCache(tmp_path / "cache")
     first = cache.weights(checkpoint_bytes)
     entry = cache.path(Kind.CHECKPOINT, decoded.sha256)
     assert entry.is_file() and decoded.sinkhorn == ((3, 0.003),)
+    monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", _no_decoding)
     second = cache.weights(checkpoint_bytes)
     _assert_same_model(first, decoded)
     _assert_same_model(second, decoded)
-    rows = load_features_rows(tmp_path, features)
+    rows = load_features(_files(_hub(tmp_path / "rows-hub", features))).rows
     for got, want in zip(Encoder(second).encode(rows), Encoder(decoded).encode(rows), strict=True):
         np.testing.assert_array_equal(got, want)
-
-
-def load_features_rows(tmp_path: Path, features: np.ndarray):
-    hub = _hub(tmp_path / "rows-hub", features)
-    return load_features(LocalHub(hub).dataset_files(*DATASET.split("/"))).rows
 
 
 def _hub(hub: Path, features: np.ndarray) -> Path:
@@ -96,13 +97,14 @@ def _files(hub: Path):
 
 
 @pytest.mark.parametrize("valued", [False, True], ids=["multi-hot", "valued"])
-def test_cached_features_are_the_decoded_ones(tmp_path, features, valued):
+def test_cached_features_are_the_decoded_ones(tmp_path, features, valued, monkeypatch):
     values = features * np.linspace(0.5, 2.0, features.shape[1], dtype=np.float32) if valued else features
     hub = _hub(tmp_path / "hub", values)
     decoded = load_features(_files(hub))
     cache = DecodedCache(tmp_path / "cache")
     first = load_features(_files(hub), cache)
     assert cache.path(Kind.FEATURES, decoded.sha256).is_file()
+    monkeypatch.setattr(features_module, "load_dense_features", _no_decoding)
     second = load_features(_files(hub), cache)
     for got in (first, second):
         assert (got.dim, got.num_pois, got.sha256, got.revision) == (
@@ -290,7 +292,7 @@ def test_a_read_only_entry_is_still_used(tmp_path, checkpoint_bytes, monkeypatch
         raise PermissionError("another user's file")
 
     monkeypatch.setattr(decoded_cache.os, "utime", refused)
-    monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", lambda *_a, **_k: pytest.fail("decoded again"))
+    monkeypatch.setattr(decoded_cache, "load_checkpoint_bytes", _no_decoding)
     _assert_same_model(cache.weights(checkpoint_bytes), load_checkpoint_bytes(checkpoint_bytes))
 
 
