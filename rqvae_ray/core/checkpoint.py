@@ -36,6 +36,7 @@ import pickle
 import pickletools
 import re
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     import torch
 
 BATCHNORM_EPS = 1e-5
+_ALLOWLIST_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,9 @@ def _load(data: bytes, source: str) -> object:
         raise CheckpointError(source, "the file is empty; re-download or re-export the checkpoint")
     try:
         archive = _protocol2_archive(data, source)
-        with torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
+        # torch's allowlist is one set for the whole process, and leaving safe_globals removes the entry even while
+        # another thread's load (datasets load side by side) still needs it: one load at a time.
+        with _ALLOWLIST_LOCK, torch.serialization.safe_globals([(_TrainingArgs, "argparse.Namespace")]):
             # On the meta device torch builds every tensor from the pickle's declared sizes without reading data.
             declared = torch.load(io.BytesIO(archive), map_location="meta", weights_only=True)
             _check_tensor_sizes(declared, len(data), source)

@@ -519,3 +519,16 @@ def test_code_in_the_sinkhorn_settings_never_runs(tmp_path, authors_state):
     with pytest.raises(CheckpointError, match="refused to load: it needs the Python global '(os|posix).system'"):
         load_checkpoint_file(tmp_path / "x")
     assert not marker.exists()
+
+
+def test_checkpoints_with_training_arguments_load_from_several_threads_at_once(published):
+    """Datasets load side by side, each in a thread: torch's allowlist for the training arguments is process-wide, and
+    one load leaving it must not take it from another still reading."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buffer = io.BytesIO()
+    torch.save({**published, "args": _args(use_sk=True)}, buffer)
+    data = buffer.getvalue()
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: load_checkpoint_bytes(data), range(16)))
+    assert all(weights.sinkhorn == ((3, 0.003),) for weights in loaded)

@@ -320,3 +320,16 @@ def test_the_python_api_keeps_entries_where_its_options_say(tmp_path, demo_hub):
     assert BatchInferenceProcessor(**options).run([spec])[0].ok
     assert BatchInferenceProcessor(**options, input_cache=tmp_path / "cache", force=True).run([spec])[0].ok
     assert sorted(path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.npz")) == ["checkpoint", "features"]
+
+
+def test_runs_writing_the_same_entry_at_once_leave_one_whole_entry(tmp_path, checkpoint_bytes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = DecodedCache(tmp_path / "cache")
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: cache.weights(checkpoint_bytes), range(8)))
+    decoded = load_checkpoint_bytes(checkpoint_bytes)
+    for model in models:
+        _assert_same_model(model, decoded)
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [cache.path(Kind.CHECKPOINT, decoded.sha256).name]
+    _assert_same_model(cache.weights(checkpoint_bytes), decoded)
