@@ -252,15 +252,9 @@ class SidCounter:
                 }
             )
         shared_prefix = {}
-        for length in range(1, len(self.sizes) + 1):
-            prefix = codes[:, :length]
-            if len(prefix):
-                _, inverse = np.unique(prefix, axis=0, return_inverse=True)
-                per_prefix = np.bincount(inverse.ravel(), weights=counts)
-                shared = int(per_prefix[per_prefix > 1].sum())
-            else:
-                shared = 0
-            shared_prefix[str(length)] = shared
+        for length, prefixes in enumerate(_prefix_groups(codes), start=1):
+            per_prefix = np.bincount(prefixes, weights=counts) if len(codes) else np.zeros(0)
+            shared_prefix[str(length)] = int(per_prefix[per_prefix > 1].sum())
         bucket_sizes, bucket_counts = np.unique(counts, return_counts=True) if len(counts) else ([], [])
         return {
             "pois": int(self.rows),
@@ -272,3 +266,20 @@ class SidCounter:
             "pois_sharing_prefix": shared_prefix,
             "bucket_size_histogram": {str(int(s)): int(c) for s, c in zip(bucket_sizes, bucket_counts, strict=True)},
         }
+
+
+def _prefix_groups(codes: np.ndarray) -> list[np.ndarray]:
+    """For each prefix length 1..levels, the group of each row's prefix of ``codes`` ([n, levels]), numbered in
+    ascending order of the prefixes (as ``np.unique(codes[:, :length], axis=0, return_inverse=True)`` numbers them,
+    at a tenth of its cost: each level's groups are the sorted pairs of the previous level's group and the code)."""
+    rows = len(codes)
+    groups, previous = [], np.zeros(rows, dtype=np.int64)
+    for level in range(codes.shape[1]):
+        order = np.lexsort((codes[:, level], previous))
+        before, code = previous[order], codes[order, level]
+        starts = np.ones(rows, dtype=bool)
+        starts[1:] = (before[1:] != before[:-1]) | (code[1:] != code[:-1])
+        previous = np.empty(rows, dtype=np.int64)
+        previous[order] = np.cumsum(starts) - 1
+        groups.append(previous)
+    return groups

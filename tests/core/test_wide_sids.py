@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from rqvae_ray.api.model import load_model
 from rqvae_ray.cli.diff import app as diff_app
 from rqvae_ray.cli.diff import diff_codebooks
+from rqvae_ray.core import sid_stats
 from rqvae_ray.core.contract import Export, OutputFormat, OutputSpec
 from rqvae_ray.core.encoder import SparseRows
 from rqvae_ray.core.formatting import CSV_HEADER_WITH_SID, arrow_columns, csv_lines, csv_parts, string_bytes
@@ -365,3 +366,17 @@ def test_diff_of_wide_sids_counts_as_the_plain_reference(tmp_path, case):
     result = CliRunner().invoke(diff_app, [str(a), str(b), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == diff_codebooks(a, b).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("rows", "high"),
+    [(0, 8), (1, 8), (500, 3), (5000, 64), (3000, 1 << 62)],
+    ids=["none", "one", "few", "many", "wide"],
+)
+def test_prefix_groups_number_prefixes_as_unique_does(rows, high):
+    codes = np.random.default_rng(rows).integers(0, high, (rows, 4), dtype=np.int64)
+    if rows:
+        codes[: rows // 3, 1:] = codes[0, 1:]  # rows sharing longer prefixes
+    for length, groups in enumerate(sid_stats._prefix_groups(codes), start=1):
+        _, expected = np.unique(codes[:, :length], axis=0, return_inverse=True)
+        np.testing.assert_array_equal(groups, expected.ravel())
