@@ -177,7 +177,9 @@ def prefix_entries(counter: SidCounter, dedup: bool) -> Iterator[pa.Array]:
     sids, _ = counter.items()
     codes = unpack_codes(sids, counter.sizes)  # ascending SIDs: rows in lexicographic order
     for length in range(len(counter.sizes)):
-        pairs = np.unique(codes[:, : length + 1], axis=0)
+        prefixes = codes[:, : length + 1]
+        # The rows are sorted, so each distinct prefix starts a run (np.unique(axis=0) took 10x as long).
+        pairs = prefixes[np.r_[True, (prefixes[1:] != prefixes[:-1]).any(axis=1)]] if len(codes) else prefixes
         keys = pairs[:, :length]
         starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
         offsets = np.r_[starts, len(pairs)].astype(np.int32)
