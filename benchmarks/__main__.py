@@ -298,12 +298,14 @@ def _goal(label: str, passed: bool, detail: str) -> None:
 @dataclass
 class JobFloor:
     """This machine's floor for a job of ``sid_rows`` SID rows: the encoder's CPU seconds for every row divided by
-    the cores, plus the floor of Ray Data (:mod:`benchmarks.floor`, the median of its runs), measured in one sitting."""
+    the cores (its rate measured right before each of ours' runs, the median), plus the floor of Ray Data
+    (:mod:`benchmarks.floor`, the median of its runs), measured in one sitting."""
 
     sid_rows: int
     cpu_s_per_sid_row: float | None
     cores: int
     ray_data: SystemResult
+    rates: tuple[float | None, ...] = ()  # each measurement of the encoder's rate, in order
 
     @property
     def ok(self) -> bool:
@@ -330,28 +332,38 @@ class JobFloor:
             "wall_s": self.wall_s,
             "encode_s": self.encode_s,
             "cpu_s_per_sid_row": self.cpu_s_per_sid_row,
+            "cpu_s_per_sid_row_measured": list(self.rates),
             "cores": self.cores,
             "ray_data_floor": self.ray_data.summary(),
         }
 
 
-def _job_floor(hub: Path, sid_rows: int, logs: Path, verbose: bool) -> JobFloor:
-    """Measure :class:`JobFloor` for ``sid_rows`` SID rows of ``hub``'s models, over the cores this process may use
-    (as many as the in-process executor's encode threads)."""
+def _encoder_rate(hub: Path, log: Path, verbose: bool) -> float | None:
+    """The encoder's CPU seconds per SID row of ``hub``'s models on one thread (:mod:`benchmarks.job_floor`), or None
+    when that measurement failed."""
+    rate = _measure([_python(), "-m", "benchmarks.job_floor", "--hub-dir", str(hub)], log, verbose)
+    if rate.returncode != 0:
+        return None
+    answer = next(line for _, line in reversed(rate.lines) if line.startswith("{"))
+    cpu_s_per_sid_row = json.loads(answer)["cpu_s_per_sid_row"]
+    typer.echo(f"    the encoder: {1e6 * cpu_s_per_sid_row:.2f} us of CPU per SID row (one thread)")
+    return cpu_s_per_sid_row
+
+
+def _job_floor(sid_rows: int, rates: list[float | None], logs: Path, verbose: bool) -> JobFloor:
+    """:class:`JobFloor` for ``sid_rows`` SID rows, over the cores this process may use (as many as the in-process
+    executor's encode threads), from the encoder's ``rates`` measured right before each of ours' runs (their median:
+    the machine's speed moves within a sitting, and a rate measured once, after every system, was measured in
+    another spell than ours)."""
     from rqvae_ray.pipeline.local import local_threads
 
     typer.echo(f"  this machine's floor for {sid_rows:,} SID rows:")
-    rate = _measure([_python(), "-m", "benchmarks.job_floor", "--hub-dir", str(hub)], logs / "job-floor.log", verbose)
-    cpu_s_per_sid_row = None
-    if rate.returncode == 0:
-        answer = next(line for _, line in reversed(rate.lines) if line.startswith("{"))
-        cpu_s_per_sid_row = json.loads(answer)["cpu_s_per_sid_row"]
-        typer.echo(f"    the encoder: {1e6 * cpu_s_per_sid_row:.2f} us of CPU per SID row (one thread)")
+    cpu_s_per_sid_row = statistics.median(rates) if rates and None not in rates else None
     ray_data = SystemResult("W2", "floor (smallest Ray Data run)", 0, 0, 0)
     for run in range(1, FLOOR_RUNS + 1):
         command = [_python(), "-m", "benchmarks.floor"]
         _run_system(ray_data, f"run {run}/{FLOOR_RUNS}", command, logs / f"floor-{run}.log", verbose)
-    return JobFloor(sid_rows, cpu_s_per_sid_row, local_threads(), ray_data)
+    return JobFloor(sid_rows, cpu_s_per_sid_row, local_threads(), ray_data, tuple(rates))
 
 
 BenchDir = Annotated[Path, typer.Option(help="Working directory for hubs, outputs, logs and results.")]
@@ -538,6 +550,7 @@ def w2(
             f"W2: hub {hub} ({n:,} POIs, mean {stamp['mean_nonzeros']:.1f} nonzeros/row, ready in "
             f"{time.perf_counter() - started:.0f}s)"
         )
+        rates: list[float | None] = []  # the encoder's, measured right before each of ours' runs
         for fmt in fmts:
             tag = f"n{n}{suffix}-{fmt}"
             out_ours, out_base = bench_dir / "w2" / tag / "ours", bench_dir / "w2" / tag / "baseline"
@@ -585,6 +598,9 @@ def w2(
                             bench_dir / "w2" / "logs" / f"{tag}-baseline-{run}.log",
                         )
                     )
+                if job_floor:
+                    typer.echo(f"  {fmt}, run {run}/{repeat}: the encoder's rate for the floor for the job ...")
+                    rates.append(_encoder_rate(hub, bench_dir / "w2" / "logs" / f"{tag}-job-floor-{run}.log", verbose))
                 for result, command, log in systems:
                     _run_system(result, f"{fmt}, run {run}/{repeat}", command, log, verbose)
             if check and baseline and ours.ok and base.ok:
@@ -595,7 +611,7 @@ def w2(
                 shutil.rmtree(bench_dir / "w2" / tag, ignore_errors=True)
             pairs.append((ours, base))
         if job_floor:
-            floors[n] = _job_floor(hub, n * len(NYC_MODELS), bench_dir / "w2" / "logs", verbose)
+            floors[n] = _job_floor(n * len(NYC_MODELS), rates, bench_dir / "w2" / "logs", verbose)
     typer.echo("")
     print_table([(ours, [base]) for ours, base in pairs])
     typer.echo("")
