@@ -27,7 +27,7 @@ from rqvae_ray.core.contract import Export, OutputSpec, csv_text
 from rqvae_ray.core.encoder import codeword_sums
 from rqvae_ray.core.formatting import csv_lines, index_json_entries, int_strings, joined_rows, string_buffers
 from rqvae_ray.core.presets import PresetFile
-from rqvae_ray.core.sid_stats import SidCounter, sid_layout, unpack_codes
+from rqvae_ray.core.sid_stats import SidCounter, prefix_starts, sid_layout, unpack_codes
 from rqvae_ray.outputs.layout import export_filename, preset_filename
 from rqvae_ray.outputs.staging import HashingFile, partial_path
 
@@ -176,12 +176,11 @@ def prefix_entries(counter: SidCounter, dedup: bool) -> Iterator[pa.Array]:
     """The entries of the prefixes file, in pieces: prefixes by length, each length in ascending code order."""
     sids, _ = counter.items()
     codes = unpack_codes(sids, counter.sizes)  # ascending SIDs: rows in lexicographic order
+    begins = prefix_starts(codes)
     for length in range(len(counter.sizes)):
-        prefixes = codes[:, : length + 1]
-        # The rows are sorted, so each distinct prefix starts a run (np.unique(axis=0) took 10x as long).
-        pairs = prefixes[np.r_[True, (prefixes[1:] != prefixes[:-1]).any(axis=1)]] if len(codes) else prefixes
+        pairs = codes[begins[length], : length + 1]
         keys = pairs[:, :length]
-        starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+        starts = np.flatnonzero(begins[length - 1][begins[length]]) if length else np.zeros(1, dtype=np.int64)
         offsets = np.r_[starts, len(pairs)].astype(np.int32)
         yield _lines(keys[starts], offsets, pairs[:, length])
     if not dedup:
