@@ -32,7 +32,7 @@ def disk_write_seconds(folder: Path, nbytes: int, direct: bool) -> float:
     chunk.write(os.urandom(CHUNK_BYTES))
     path = folder / f".disk-probe-{os.getpid()}"
     started = time.perf_counter()
-    handle = open_for_writing(path)[0] if direct else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    handle = open_for_writing(path, direct)[0]
     try:
         left = nbytes
         with memoryview(chunk) as view:

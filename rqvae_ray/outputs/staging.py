@@ -165,14 +165,14 @@ def direct_aligned(size: int) -> int:
     return -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
-def open_for_writing(path: Path) -> tuple[int, bool]:
-    """A new file at ``path`` (truncated) opened past the page cache (O_DIRECT) where the filesystem allows it, and
-    whether it is."""
+def open_for_writing(path: Path, direct: bool = True) -> tuple[int, bool]:
+    """A new file at ``path`` (truncated) opened past the page cache (O_DIRECT) where ``direct`` and the filesystem
+    allow it, and whether it is."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    direct = getattr(os, "O_DIRECT", 0)
-    if direct:
+    o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
+    if o_direct:
         try:
-            return os.open(path, flags | direct, 0o666), True
+            return os.open(path, flags | o_direct, 0o666), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
                 raise
