@@ -125,8 +125,9 @@ def load_checkpoint_file(path: str | Path) -> ModelWeights:
     return load_checkpoint_bytes(data, source=str(path))
 
 
-def load_checkpoint_bytes(data: bytes, source: str = "checkpoint") -> ModelWeights:
-    """Load a checkpoint from its bytes with ``torch.load(weights_only=True)`` and extract the frozen model.
+def load_checkpoint_bytes(data: bytes, source: str = "checkpoint", sha256: str | None = None) -> ModelWeights:
+    """Load a checkpoint from its bytes with ``torch.load(weights_only=True)`` and extract the frozen model
+    (``sha256``: the bytes' digest where the caller has taken it already).
 
     Every failure is a :class:`CheckpointError`: the archive's records and every tensor's declared size are checked
     against the file's size first (a tensor may not claim more bytes than the file could hold), and whatever else
@@ -134,7 +135,7 @@ def load_checkpoint_bytes(data: bytes, source: str = "checkpoint") -> ModelWeigh
     """
     obj = _load(data, source)
     try:
-        return weights_from_checkpoint(obj, source=source, sha256=hashlib.sha256(data).hexdigest())
+        return weights_from_checkpoint(obj, source=source, sha256=sha256 or hashlib.sha256(data).hexdigest())
     except CheckpointError:
         raise
     except Exception as exc:  # untrusted content: a failure converting it is this checkpoint's, never the caller's

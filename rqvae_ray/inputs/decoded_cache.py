@@ -77,7 +77,7 @@ class DecodedCache:
         arrays = self._read(Kind.CHECKPOINT, sha256)
         weights = None if arrays is None else _weights_from(arrays, sha256)
         if weights is None:
-            weights = load_checkpoint_bytes(data, source=source)
+            weights = load_checkpoint_bytes(data, source=source, sha256=sha256)
             self._write(Kind.CHECKPOINT, sha256, _weights_arrays(weights))
         return weights
 
